@@ -1,0 +1,3 @@
+"""slimdeploy: network slimming for deployment."""
+
+__version__ = "0.1.0"
