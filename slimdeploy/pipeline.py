@@ -1,0 +1,269 @@
+"""The stages glued: sparse training → plan → prune → fine-tune → export → benchmark → report.
+
+Every stage leaves its result in the run directory; with ``resume`` finished stages are read back
+instead of redone, and an interrupted training stage continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from slimdeploy import bench, export, ortbench
+from slimdeploy.data import Dataset, Normalize, load_dataset
+from slimdeploy.graph import build_graph, channel_groups
+from slimdeploy.models import build_model
+from slimdeploy.plan import ChannelPlan, make_plan
+from slimdeploy.prune import apply_plan, layer_widths, rebuild_pruned
+from slimdeploy.recipe import Recipe
+from slimdeploy.sparsity import ProximalSparsifier, Sparsifier, make_sparsifier
+from slimdeploy.report import plot_latency, plot_scores, plot_widths, write_json, write_markdown
+from slimdeploy.train import evaluate, load_checkpoint, save_atomic, train
+
+EXPORTS = ("onnx", "onnx-int8")
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    report: dict
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def _threads(n: int) -> int:
+    return n or os.cpu_count() or 1
+
+
+def _train_stage(model, data, opt_cfg, recipe, sparsifier, normalize, ckpt, resume, progress, desc):
+    return train(
+        model, data, opt_cfg,
+        batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size,
+        augment=recipe.data.augment, normalize=normalize, sparsifier=sparsifier,
+        seed=recipe.seed, checkpoint=ckpt, resume=resume, progress=progress, desc=desc,
+    )
+
+
+def _export_and_verify(model, path, data: Dataset, normalize, cfg):
+    export.export_onnx(model, path, data.input_shape, opset=cfg.opset)
+    check = normalize(data.test.images[: cfg.check_batch]).cpu().contiguous()
+    return export.verify_onnx(model, path, check, tolerance=cfg.tolerance)
+
+
+def _ort_accuracy(path, data: Dataset, normalize, batch: int = 256) -> float:
+    sess = ortbench.make_session(path, threads=_threads(0))
+    name = sess.get_inputs()[0].name
+    correct = 0
+    for start in range(0, len(data.test), batch):
+        x = normalize(data.test.images[start : start + batch]).cpu().contiguous().numpy()
+        logits = sess.run(None, {name: x})[0]
+        correct += int((logits.argmax(1) == data.test.labels[start : start + batch].numpy()).sum())
+    return 100.0 * correct / len(data.test)
+
+
+def _int8_stage(out: Path, data, normalize, recipe, progress) -> dict:
+    calib = normalize(data.train.images[:256]).cpu().contiguous().numpy()
+    result = {"calibration_images": len(calib), "format": "QDQ, per-channel weights", "latency": []}
+    paths = {}
+    for name in ("dense", "pruned"):
+        paths[name] = export.quantize_int8(out / f"{name}.onnx", out / f"{name}.int8.onnx", calib)
+        result[name] = {
+            "onnx": str(paths[name]),
+            "onnx_bytes": bench.file_size(paths[name]),
+            "accuracy": _ort_accuracy(paths[name], data, normalize),
+        }
+    for s in recipe.bench.settings:
+        fp32 = [out / "dense.onnx", out / "pruned.onnx"]
+        stats = ortbench.time_sessions(
+            fp32 + [paths["dense"], paths["pruned"]], batch=s.batch, threads=_threads(s.threads),
+            warmup=recipe.bench.warmup, iters=recipe.bench.iters, progress=progress,
+        )
+        result["latency"].append({"batch": s.batch, "threads": _threads(s.threads),
+                                  "dense_fp32": stats[0].to_dict(), "pruned_fp32": stats[1].to_dict(),
+                                  "dense": stats[2].to_dict(), "pruned": stats[3].to_dict()})
+    return result
+
+
+def _model_summary(model, shape, accuracy, onnx_path) -> dict:
+    summary = {
+        "params": bench.count_params(model),
+        "macs": bench.count_macs(model, shape),
+        "macs_flop_counter": bench.count_flop_counter_macs(model, shape),
+        "accuracy": accuracy,
+        "onnx": str(onnx_path) if onnx_path else None,
+        "latency_ms": None,
+    }
+    if onnx_path:
+        summary["onnx_bytes"] = bench.file_size(onnx_path)
+        summary["peak_rss_mb"] = bench.peak_rss_mb(onnx_path)
+    return summary
+
+
+def _benchmark(dense, pruned, shape, onnx_paths, recipe, progress) -> list[dict]:
+    rows = []
+    for s in recipe.bench.settings:
+        threads = _threads(s.threads)
+        if onnx_paths:
+            stats = ortbench.time_sessions(
+                onnx_paths, batch=s.batch, threads=threads,
+                warmup=recipe.bench.warmup, iters=recipe.bench.iters, progress=progress,
+            )
+            rows.append({"backend": "onnxruntime", "batch": s.batch, "threads": threads,
+                         "session": ortbench.session_options_dict(threads),
+                         "dense": stats[0].to_dict(), "pruned": stats[1].to_dict()})
+        if recipe.bench.torch:
+            stats = bench.torch_latency([dense, pruned], shape, batch=s.batch, threads=threads,
+                                        warmup=recipe.bench.warmup, iters=recipe.bench.iters)
+            rows.append({"backend": "pytorch", "batch": s.batch, "threads": threads,
+                         "dense": stats[0].to_dict(), "pruned": stats[1].to_dict()})
+    return rows
+
+
+def run(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    recipe_name: str = "recipe",
+    export_format: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> RunResult:
+    """Run every stage of a recipe and write the run directory; returns the report."""
+    if export_format not in (None, *EXPORTS):
+        raise ValueError(f"export must be one of {', '.join(EXPORTS)}, got {export_format!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(recipe.to_yaml())
+    seed_everything(recipe.seed)
+    device = pick_device(recipe.device)
+    log = (lambda msg: tqdm.write(msg)) if progress else (lambda msg: None)
+
+    data = load_dataset(recipe.data, recipe.seed)
+    normalize = Normalize(data.mean, data.std, device, recipe.data.channels_last)
+    shape = data.input_shape
+    memory_format = torch.channels_last if recipe.data.channels_last else torch.contiguous_format
+    model = build_model(recipe.model.name, data.num_classes, bn_init=recipe.model.bn_init)
+    model = model.to(device, memory_format=memory_format)
+
+    # 1. sparse training
+    sparsifier = make_sparsifier(model, recipe.sparsity)
+    log(f"sparse training: {recipe.model.name}, {recipe.sparsity.method}/{recipe.sparsity.penalty}, "
+        f"{recipe.train.epochs} epochs on {len(data.train)} {data.name} images")
+    trained = _train_stage(model, data, recipe.train, recipe, sparsifier, normalize,
+                           out / "checkpoints" / "last.pt", resume, progress, "sparse")
+    save_atomic(model.state_dict(), out / "dense.pt")
+    scores = sparsifier.scores()
+
+    # 2. plan and physical pruning, on a CPU copy (graph tracing and surgery are cheap there)
+    tic = time.perf_counter()
+    dense_cpu = copy.deepcopy(model).cpu().eval()
+    pruned = copy.deepcopy(dense_cpu)
+    groups = channel_groups(pruned, build_graph(pruned, torch.randn(1, *shape)))
+    plan = make_plan(groups, scores, recipe.prune, model_name=recipe.model.name,
+                     num_classes=data.num_classes, input_shape=shape)
+    if isinstance(sparsifier, ProximalSparsifier):
+        plan.notes["proximal"] = sparsifier.zero_summary()
+    apply_plan(pruned, plan)
+    prune_seconds = time.perf_counter() - tic
+    plan.to_json(out / "pruned_plan.json")
+    pruned = pruned.to(device, memory_format=memory_format)
+    no_ft_acc = evaluate(pruned, data.test, normalize, recipe.data.eval_batch_size)
+    log(f"pruned {plan.channels_total - plan.channels_kept} of {plan.channels_total} channels "
+        f"in {prune_seconds:.1f} s; accuracy {trained.accuracy:.2f}% → {no_ft_acc:.2f}% before fine-tuning")
+
+    # 3. fine-tuning, without penalty
+    finetuned = None
+    if recipe.finetune.epochs > 0:
+        finetuned = _train_stage(pruned, data, recipe.finetune, recipe, Sparsifier(pruned), normalize,
+                                 out / "checkpoints" / "finetune_last.pt", resume, progress, "finetune")
+    pruned_acc = finetuned.accuracy if finetuned else no_ft_acc
+    save_atomic(pruned.state_dict(), out / "pruned.pt")
+
+    # 4. export, checked against PyTorch in onnxruntime
+    pruned_cpu = pruned.cpu().eval()
+    onnx_paths, export_info, int8 = [], None, None
+    if export_format:
+        checks = [_export_and_verify(m, out / f"{n}.onnx", data, normalize, recipe.export)
+                  for n, m in (("dense", dense_cpu), ("pruned", pruned_cpu))]
+        onnx_paths = [out / "dense.onnx", out / "pruned.onnx"]
+        export_info = {"max_abs_diff": checks[1].max_abs_diff, "max_abs_logit": checks[1].max_abs_logit,
+                       "opset": checks[1].opset, "tolerance": recipe.export.tolerance,
+                       "dense_max_abs_diff": checks[0].max_abs_diff, "dense_max_abs_logit": checks[0].max_abs_logit}
+        log(f"ONNX verified: max |ORT - PyTorch| {checks[1].max_abs_diff:.3g} (max |logit| {checks[1].max_abs_logit:.3g})")
+
+    # 5. benchmark and report
+    dense_sum = _model_summary(dense_cpu, shape, trained.accuracy, onnx_paths[0] if onnx_paths else None)
+    pruned_sum = _model_summary(pruned_cpu, shape, pruned_acc, onnx_paths[1] if onnx_paths else None)
+    latency = _benchmark(dense_cpu, pruned_cpu, shape, onnx_paths, recipe, progress)
+    first_ort = next((r for r in latency if r["backend"] == "onnxruntime"), None)
+    if first_ort:
+        for summary, key in ((dense_sum, "dense"), (pruned_sum, "pruned")):
+            summary["latency_ms"] = {k: first_ort[key][k] for k in ("p50", "p90", "p99")}
+    if export_format == "onnx-int8":
+        int8 = _int8_stage(out, data, normalize, recipe, progress)
+
+    before, after = layer_widths(dense_cpu), layer_widths(pruned_cpu)
+    flat_scores = torch.cat([s.flatten().cpu() for s in scores.values()]).double().numpy()
+    report = {
+        "recipe": recipe_name,
+        "model": recipe.model.name,
+        "dataset": data.name,
+        "device": str(device),
+        "dense": dense_sum,
+        "pruned": pruned_sum,
+        "pruned_no_finetune_accuracy": no_ft_acc,
+        "macs_counter": "thop",
+        "pruning": {
+            "how": plan.how,
+            "channels_total": plan.channels_total,
+            "channels_kept": plan.channels_kept,
+            "groups": len(plan.groups),
+            "score_cut": plan.score_cut,
+            "round_to": plan.round_to,
+            "seconds": prune_seconds,
+            "layers": [{"name": n, "before": before[n], "after": after[n]} for n in before],
+            **({"proximal": plan.notes["proximal"]} if "proximal" in plan.notes else {}),
+        },
+        "sparsity": recipe.sparsity.model_dump(mode="json"),
+        "export": export_info,
+        "int8": int8,
+        "latency": latency,
+        "train": {"epochs": trained.epochs, "seconds": trained.seconds, "history": trained.history},
+        "finetune": {"epochs": recipe.finetune.epochs, "seconds": finetuned.seconds if finetuned else 0.0,
+                     "history": finetuned.history if finetuned else []},
+    }
+    plot_scores(flat_scores, out / "scores.png", "|ξ|" if isinstance(sparsifier, ProximalSparsifier) else "|γ|")
+    plot_widths(report["pruning"]["layers"], out / "widths.png")
+    if latency:
+        plot_latency(latency, out / "latency.png")
+    write_json(report, out)
+    write_markdown(report, out)
+    log(f"report: {out / 'report.md'}")
+    return RunResult(out, report)
+
+
+def load_pruned(run_dir: str | Path) -> torch.nn.Module:
+    """The pruned model of a run directory, rebuilt from pruned_plan.json and pruned.pt."""
+    run_dir = Path(run_dir)
+    plan = ChannelPlan.from_json(run_dir / "pruned_plan.json")
+    return rebuild_pruned(plan, load_checkpoint(run_dir / "pruned.pt"))

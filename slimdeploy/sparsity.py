@@ -1,0 +1,169 @@
+"""Sparsifiers: how a penalty on the BatchNorm scaling factors γ enters training.
+
+- ``subgradient`` (network slimming, Liu et al. 2017; nonconvex variants, Bui et al. 2021): after
+  backward and before the optimizer step, add ∂p_λ(γ) to the γ gradients.
+- ``proximal`` (proximal NS, Bui et al. 2023): an auxiliary ξ per regularised BN. After each optimizer
+  step, with α = 1/lr and coupling β:
+      γ ← (α·γ + β·ξ)/(α + β);   ξ ← prox_{p_λ/(α+β)}((α·ξ + β·γ)/(α + β)).
+  ξ reaches exact zeros, which name the channels to remove without a threshold.
+- ``prox_sgd``: proximal gradient on γ itself, γ ← prox_{lr·p_λ}(γ) after each step.
+
+All regularised γ are handled as one flat vector per step (one penalty call, foreach adds/copies), so
+the cost does not grow with the number of BN layers.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+from torch import nn
+
+from slimdeploy.penalties import Penalty
+
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def select_bns(model: nn.Module, include: list[str] = (), exclude: list[str] = ()) -> dict[str, nn.Module]:
+    """BN layers with an affine γ whose names match ``include`` (all if empty) and not ``exclude``."""
+    chosen = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, BN_TYPES) or module.weight is None:
+            continue
+        if include and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
+            continue
+        if any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
+            continue
+        chosen[name] = module
+    return chosen
+
+
+class Sparsifier:
+    """No penalty. Subclasses hook into the step; all keep their state in ``state_dict``."""
+
+    method = "none"
+
+    def __init__(self, model: nn.Module, penalty: Penalty | None = None, include=(), exclude=()):
+        self.penalty = penalty
+        self.bns = select_bns(model, include, exclude)
+        self.gammas = [bn.weight for bn in self.bns.values()]
+        self.sizes = [g.numel() for g in self.gammas]
+
+    def flat_gamma(self) -> torch.Tensor:
+        if not self.gammas:
+            return torch.zeros(0)
+        return torch.cat([g.detach().reshape(-1) for g in self.gammas])
+
+    def before_step(self) -> None:
+        """Called after backward (gradients unscaled) and before ``optimizer.step()``."""
+
+    def after_step(self, lr: float) -> None:
+        """Called after ``optimizer.step()`` with the learning rate that step used."""
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Per-BN channel scores for the pruning plan: |γ| by default."""
+        return {name: bn.weight.detach().abs().clone() for name, bn in self.bns.items()}
+
+    def penalty_value(self) -> float:
+        return float(self.penalty.value(self.flat_gamma())) if self.penalty and self.gammas else 0.0
+
+    def state_dict(self) -> dict:
+        return {"method": self.method}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("method") != self.method:
+            raise ValueError(f"sparsifier state is for {state.get('method')!r}, not {self.method!r}")
+
+
+class SubgradientSparsifier(Sparsifier):
+    method = "subgradient"
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        if not self.gammas:
+            return
+        grads = []
+        for g in self.gammas:
+            if g.grad is None:
+                g.grad = torch.zeros_like(g)
+            grads.append(g.grad)
+        step = self.penalty.grad(self.flat_gamma())
+        torch._foreach_add_(grads, list(step.split(self.sizes)))
+
+
+class ProximalSparsifier(Sparsifier):
+    """Proximal NS: γ/ξ splitting, ξ updated by the penalty's prox and holding exact zeros."""
+
+    method = "proximal"
+
+    def __init__(self, model, penalty, beta: float, include=(), exclude=()):
+        super().__init__(model, penalty, include, exclude)
+        self.beta = float(beta)
+        # ξ starts at γ, so the coupling term starts at zero.
+        self.xi = [g.detach().clone() for g in self.gammas]
+
+    @torch.no_grad()
+    def after_step(self, lr: float) -> None:
+        if not self.gammas:
+            return
+        alpha, beta = 1.0 / lr, self.beta
+        w = alpha / (alpha + beta)
+        # γ ← w·γ + (1 − w)·ξ
+        torch._foreach_mul_(self.gammas, w)
+        torch._foreach_add_(self.gammas, self.xi, alpha=1 - w)
+        # ξ ← prox_{p_λ/(α+β)}(w·ξ + (1 − w)·γ)
+        target = torch.cat([x.reshape(-1) for x in self.xi]) * w + self.flat_gamma() * (1 - w)
+        new_xi = self.penalty.prox(target, 1.0 / (alpha + beta))
+        torch._foreach_copy_(self.xi, [x.view_as(old) for x, old in zip(new_xi.split(self.sizes), self.xi)])
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        return {name: xi.abs().clone() for name, xi in zip(self.bns, self.xi)}
+
+    def penalty_value(self) -> float:
+        return float(self.penalty.value(torch.cat([x.reshape(-1) for x in self.xi]))) if self.xi else 0.0
+
+    def zero_summary(self) -> dict:
+        """How many ξ are exactly zero, and how large the γ of those channels still are."""
+        xi = torch.cat([x.reshape(-1) for x in self.xi]) if self.xi else torch.zeros(0)
+        gamma = self.flat_gamma()
+        zero = xi == 0
+        g = gamma[zero].abs()
+        return {
+            "xi_zeros": int(zero.sum()),
+            "channels": int(xi.numel()),
+            "gamma_nonzero_at_xi_zero": int((g > 0).sum()),
+            "gamma_max_abs_at_xi_zero": float(g.max()) if g.numel() else 0.0,
+            "gamma_mean_abs_at_xi_zero": float(g.mean()) if g.numel() else 0.0,
+        }
+
+    def state_dict(self) -> dict:
+        return {"method": self.method, "xi": {name: x.clone() for name, x in zip(self.bns, self.xi)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        for name, x in zip(self.bns, self.xi):
+            x.copy_(state["xi"][name].to(x.device))
+
+
+class ProxSGDSparsifier(Sparsifier):
+    method = "prox_sgd"
+
+    @torch.no_grad()
+    def after_step(self, lr: float) -> None:
+        if not self.gammas:
+            return
+        new = self.penalty.prox(self.flat_gamma(), lr)
+        torch._foreach_copy_(self.gammas, [x.view_as(g) for x, g in zip(new.split(self.sizes), self.gammas)])
+
+
+def make_sparsifier(model: nn.Module, cfg) -> Sparsifier:
+    """The sparsifier a recipe's ``sparsity`` section describes."""
+    args = dict(include=cfg.include, exclude=cfg.exclude)
+    if cfg.method == "none":
+        return Sparsifier(model, None, **args)
+    penalty = cfg.make_penalty()
+    if cfg.method == "subgradient":
+        return SubgradientSparsifier(model, penalty, **args)
+    if cfg.method == "proximal":
+        return ProximalSparsifier(model, penalty, cfg.beta, **args)
+    return ProxSGDSparsifier(model, penalty, **args)

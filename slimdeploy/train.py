@@ -1,0 +1,220 @@
+"""Training loop: SGD with a per-step learning-rate schedule, a sparsifier hook, evaluation and
+atomic, resumable checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from slimdeploy.data import Dataset, Normalize, Split, eval_batches, train_batches
+from slimdeploy.sparsity import Sparsifier
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be read."""
+
+
+@dataclass
+class TrainResult:
+    epochs: int
+    seconds: float
+    accuracy: float | None
+    history: list[dict] = field(default_factory=list)
+
+
+def lr_factor(cfg, progress: float) -> float:
+    """Learning-rate multiplier at ``progress`` ∈ [0, 1) of the run."""
+    if cfg.schedule == "multistep":
+        return cfg.gamma ** sum(progress >= m for m in cfg.milestones)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "onecycle":  # linear warm-up over 15 %, then cosine to zero
+        warm = 0.15
+        if progress < warm:
+            return 0.1 + 0.9 * progress / warm
+        return 0.5 * (1 + math.cos(math.pi * (progress - warm) / (1 - warm)))
+    return 1.0
+
+
+def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, normalize: Normalize, batch_size: int, progress: bool = False) -> float:
+    """Top-1 accuracy in percent."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    batches = eval_batches(split, batch_size)
+    for images, labels in tqdm(batches, desc="eval", total=math.ceil(len(split) / batch_size), disable=not progress, leave=False):
+        logits = model(normalize(images))
+        correct += int((logits.argmax(1).cpu() == labels).sum())
+    model.train(was_training)
+    return 100.0 * correct / max(len(split), 1)
+
+
+def save_atomic(obj, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+
+
+def _rng_state(gen: torch.Generator) -> dict:
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": [version, list(py_state), py_gauss],
+        "data": gen.get_state(),
+    }
+
+
+def _set_rng_state(state: dict, gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, py_state, py_gauss = state["python"]
+    random.setstate((version, tuple(py_state), py_gauss))
+    gen.set_state(state["data"])
+
+
+def train(
+    model: nn.Module,
+    data: Dataset,
+    cfg,
+    *,
+    batch_size: int,
+    eval_batch_size: int,
+    augment: bool,
+    normalize: Normalize,
+    sparsifier: Sparsifier,
+    seed: int,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` for ``cfg.epochs`` epochs, checkpointing every epoch to ``checkpoint``."""
+    optimizer = make_optimizer(model, cfg)
+    batch_size = min(batch_size, len(data.train))
+    steps_per_epoch = len(data.train) // batch_size
+    total_steps = max(cfg.epochs * steps_per_epoch, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step / total_steps))
+    gen = torch.Generator().manual_seed(seed)
+    start_epoch, seconds, history = 0, 0.0, []
+
+    if resume and checkpoint and Path(checkpoint).is_file():
+        state = load_checkpoint(checkpoint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sparsifier.load_state_dict(state["sparsifier"])
+        _set_rng_state(state["rng"], gen)
+        start_epoch, seconds, history = state["epoch"], state["seconds"], state["history"]
+
+    accuracy = history[-1]["test_acc"] if history else None
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        tic = time.perf_counter()
+        loss_sum, seen = torch.zeros(()), 0
+        bar = tqdm(
+            train_batches(data.train, batch_size, gen, augment),
+            total=steps_per_epoch,
+            desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+            disable=not progress,
+            leave=False,
+        )
+        for step, (images, labels) in enumerate(bar):
+            labels = labels.to(normalize.device, non_blocking=True)
+            loss = F.cross_entropy(model(normalize(images)), labels)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"{desc}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                    f"the last good checkpoint is kept ({checkpoint})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            sparsifier.before_step()
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            sparsifier.after_step(lr)
+            scheduler.step()
+            loss_sum += loss.detach().cpu() * len(labels)
+            seen += len(labels)
+            if progress and step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+        seconds += time.perf_counter() - tic
+        accuracy = evaluate(model, data.test, normalize, eval_batch_size)
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": float(loss_sum) / max(seen, 1),
+                "test_acc": accuracy,
+                "penalty": sparsifier.penalty_value(),
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+        )
+        if progress:
+            tqdm.write(
+                f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {history[-1]['train_loss']:.4f}, "
+                f"test acc {accuracy:.2f}%, penalty {history[-1]['penalty']:.4g}"
+            )
+        if checkpoint:
+            save_atomic(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "sparsifier": sparsifier.state_dict(),
+                    "rng": _rng_state(gen),
+                    "epoch": epoch + 1,
+                    "seconds": seconds,
+                    "history": history,
+                    "best_acc": max(h["test_acc"] for h in history),
+                },
+                checkpoint,
+            )
+    if accuracy is None:
+        accuracy = evaluate(model, data.test, normalize, eval_batch_size)
+    return TrainResult(cfg.epochs, seconds, accuracy, history)

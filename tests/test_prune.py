@@ -1,0 +1,117 @@
+"""Channel plans and physical pruning across residual additions and concatenations."""
+
+import copy
+
+import pytest
+import torch
+
+from slimdeploy.export import export_onnx, verify_onnx
+from slimdeploy.graph import build_graph, channel_groups
+from slimdeploy.models import build_model
+from slimdeploy.plan import ChannelPlan, make_plan
+from slimdeploy.prune import apply_plan, layer_widths, mask_plan, rebuild_pruned
+from slimdeploy.recipe import PruneCfg
+
+SHAPE = (3, 32, 32)
+
+
+def _trained_like(name, seed=0):
+    """A model in eval mode with random BN statistics and γ spread over magnitudes, as after training."""
+    torch.manual_seed(seed)
+    model = build_model(name, 10)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data = torch.rand(m.num_features) ** 3
+            m.bias.data = torch.randn(m.num_features) * 0.1
+            m.running_mean.data = torch.randn(m.num_features) * 0.1
+            m.running_var.data = torch.rand(m.num_features) + 0.5
+    return model.eval()
+
+
+def _plan(model, name, **prune):
+    groups = channel_groups(model, build_graph(model, torch.randn(1, *SHAPE)))
+    scores = {n: m.weight.detach().abs() for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    cfg = PruneCfg(**{"how": "percent", "percent": 0.5, **prune})
+    return groups, make_plan(groups, scores, cfg, model_name=name, num_classes=10, input_shape=SHAPE)
+
+
+@pytest.mark.parametrize("name", ["vgg19", "resnet56", "resnet164", "densenet40"])
+def test_pruned_model_runs_and_exports_identically(name, tmp_path):
+    dense = _trained_like(name)
+    _, plan = _plan(dense, name)
+    pruned = apply_plan(copy.deepcopy(dense), plan)
+    assert 0.4 < 1 - plan.channels_kept / plan.channels_total <= 0.5
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in dense.parameters())
+    x = torch.randn(8, *SHAPE)
+    check = verify_onnx(pruned, export_onnx(pruned, tmp_path / "p.onnx", SHAPE), x)
+    assert check.max_abs_diff <= 1e-4 * check.max_abs_logit
+
+
+@pytest.mark.parametrize("name", ["vgg11", "resnet20", "densenet40"])
+def test_pruned_equals_masked(name):
+    """Zeroing γ, β of the removed channels (the papers' masking) and removing them compute the same
+    function wherever the removed channels are read only through BNs: post-activation VGG/ResNet
+    (a whole residual stream goes together) and pre-activation DenseNet (every consumer of a
+    concatenated channel starts with BN)."""
+    dense = _trained_like(name)
+    groups, plan = _plan(dense, name)
+    masked = mask_plan(copy.deepcopy(dense), groups, plan)
+    pruned = apply_plan(copy.deepcopy(dense), plan)
+    x = torch.randn(4, *SHAPE)
+    with torch.no_grad():
+        ref, out, orig = masked(x), pruned(x), dense(x)
+    assert (ref - orig).abs().max() > 1e-3  # the mask really changed the function
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_residual_stream_is_one_group():
+    model = _trained_like("resnet20")
+    groups = channel_groups(model, build_graph(model, torch.randn(1, *SHAPE)))
+    stream = [g for g in groups if g.root == "conv1"]
+    assert stream, [g.root for g in groups]
+    bn_names = {s.name for s in stream[0].bns}
+    # the stem BN and the last BN of every first-stage block share the stream's channels
+    assert "bn1" in bn_names and sum(".bn2" in n for n in bn_names) >= 3
+
+
+def test_no_layer_reaches_zero_channels():
+    model = _trained_like("resnet20")
+    _, plan = _plan(model, "resnet20", percent=0.99, min_channels=2)
+    assert all(g.kept >= 2 for g in plan.groups)
+    pruned = apply_plan(copy.deepcopy(model), plan)
+    assert min(layer_widths(pruned).values()) >= 2
+    assert pruned(torch.randn(2, *SHAPE)).shape == (2, 10)
+
+
+def test_round_to_gives_multiples():
+    model = _trained_like("vgg11")
+    _, plan = _plan(model, "vgg11", percent=0.6, round_to=8)
+    assert all(g.kept % 8 == 0 for g in plan.groups)
+    pruned = apply_plan(copy.deepcopy(model), plan)
+    widths = layer_widths(pruned)
+    assert all(w % 8 == 0 for n, w in widths.items() if n != "classifier")
+
+
+def test_plan_modes_threshold_and_zeros():
+    model = _trained_like("resnet20")
+    for m in list(model.modules())[:12]:
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data[:3] = 0
+    _, zeros = _plan(model, "resnet20", how="zeros")
+    assert 0 < zeros.channels_total - zeros.channels_kept
+    _, thr = _plan(model, "resnet20", how="threshold", threshold=0.05)
+    assert (zeros.channels_total - zeros.channels_kept) <= (thr.channels_total - thr.channels_kept)
+
+
+def test_plan_json_rebuilds_identical_model(tmp_path):
+    dense = _trained_like("resnet56")
+    _, plan = _plan(dense, "resnet56")
+    pruned = apply_plan(copy.deepcopy(dense), plan)
+    plan.to_json(tmp_path / "plan.json")
+    torch.save(pruned.state_dict(), tmp_path / "pruned.pt")
+    state = torch.load(tmp_path / "pruned.pt", weights_only=True)
+    rebuilt = rebuild_pruned(ChannelPlan.from_json(tmp_path / "plan.json"), state).eval()
+    x = torch.randn(3, *SHAPE)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), pruned(x))
+    assert layer_widths(rebuilt) == layer_widths(pruned)

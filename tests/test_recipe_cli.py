@@ -1,0 +1,91 @@
+"""Recipe validation and the CLI's contract: bad input → exit 2 and one line naming the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slimdeploy.recipe import RecipeError, build_recipe, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_load(recipe):
+    load_recipe(recipe)
+
+
+def test_overrides_parse_yaml_scalars_and_lists():
+    r = build_recipe({}, ["train.epochs=2", "data.name=synthetic", "train.milestones=[0.3, 0.6]", "model.bn_init=null"])
+    assert r.train.epochs == 2 and r.data.name == "synthetic"
+    assert r.train.milestones == [0.3, 0.6] and r.model.bn_init is None
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["sparsity.lam=-1"], "sparsity.lam"),
+        (["prune.percent=1.0"], "prune.percent"),
+        (["train.epochs=-3"], "train.epochs"),
+        (["train.epochs=many"], "train.epochs"),
+        (["model.name=alexnet9"], "model.name"),
+        (["data.name=imagenet"], "data.name"),
+        (["train.lr_warmup=3"], "train.lr_warmup"),
+        (["sparsity.penalty=lp", "sparsity.p=1.5"], "sparsity.p"),
+        (["sparsity.penalty=mcp", "sparsity.a=0.5"], "sparsity"),
+        (["sparsity.penalty=scad", "sparsity.a=2"], "sparsity"),
+        (["sparsity.penalty=tl1", "sparsity.a=0"], "sparsity"),
+        (["train.milestones=[0.8, 0.2]"], "train.milestones"),
+        (["prune.round_to=0"], "prune.round_to"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, key):
+    with pytest.raises(RecipeError) as err:
+        build_recipe({}, overrides)
+    assert key in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "compress.py"), *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "text, args, key",
+    [
+        ("model: {name: resnet20}\nsparsity: {lam: -0.1}\n", [], "sparsity.lam"),
+        ("model: {name: resnet20}\nprune: {percent: 1.5}\n", [], "prune.percent"),
+        ("model: {name: resnet20}\nbogus: 1\n", [], "bogus"),
+        ("model: [1, 2\n", [], "not valid YAML"),
+        ("- a list\n", [], "mapping"),
+        ("model: {name: resnet20}\n", ["--set", "train.epochs=-1"], "train.epochs"),
+        ("model: {name: resnet20}\n", ["--set", "noequals"], "KEY=VALUE"),
+        ("model: {name: resnet20}\n", ["--export", "tflite"], "--export"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, text, args, key):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    out = tmp_path / "run"
+    res = _cli(str(path), "--out", str(out), *args)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+def test_cli_missing_recipe_file(tmp_path):
+    res = _cli(str(tmp_path / "nope.yaml"))
+    assert res.returncode == 2 and "nope.yaml" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_cli_missing_cifar_says_where_and_how(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name: resnet20}\ndata: {name: cifar10}\n")
+    res = _cli(str(path), "--out", str(tmp_path / "run"), "--quiet", "--set", f"data.root={tmp_path / 'empty'}")
+    assert res.returncode == 1
+    line = res.stderr.strip().splitlines()[-1]
+    assert "cifar-10-batches-py" in line and "data.name=synthetic" in line and "Traceback" not in res.stderr
