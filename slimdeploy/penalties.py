@@ -254,9 +254,11 @@ class TL1Penalty(Penalty):
             t = s * (a + 1.0) / a
         else:
             t = math.sqrt(2.0 * s * (a + 1.0)) - a / 2.0
-        cos_arg = 1.0 - 27.0 * s * a * (a + 1.0) / (2.0 * (a + u).pow(3))
-        phi = torch.acos(cos_arg.clamp(-1.0, 1.0))
-        x = (2.0 / 3.0) * (a + u) * torch.cos(phi / 3.0) - 2.0 * a / 3.0 + u / 3.0
+        # Same formula, rearranged to avoid cancellation when a >> u or phi ~ 0:
+        # phi = arccos(1 - d) = 2*arcsin(sqrt(d/2)) and x = u - (4/3)(a+u)sin(phi/6)**2.
+        d = 27.0 * s * a * (a + 1.0) / (2.0 * (a + u).pow(3))
+        phi = 2.0 * torch.asin(torch.sqrt(0.5 * d).clamp(max=1.0))
+        x = u - (4.0 / 3.0) * (a + u) * torch.sin(phi / 6.0).pow(2)
         return torch.where(u > t, x.clamp(min=0.0), torch.zeros_like(u))
 
 

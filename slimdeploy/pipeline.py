@@ -22,7 +22,7 @@ from slimdeploy.data import Dataset, Normalize, load_dataset
 from slimdeploy.graph import build_graph, channel_groups
 from slimdeploy.models import build_model
 from slimdeploy.plan import ChannelPlan, make_plan
-from slimdeploy.prune import apply_plan, layer_widths, rebuild_pruned
+from slimdeploy.prune import apply_plan, layer_widths, rebuild_pruned, zero_removed_gammas
 from slimdeploy.recipe import Recipe
 from slimdeploy.sparsity import ProximalSparsifier, Sparsifier, make_sparsifier
 from slimdeploy.report import plot_latency, plot_scores, plot_widths, write_json, write_markdown
@@ -104,6 +104,14 @@ def _int8_stage(out: Path, data, normalize, recipe, progress) -> dict:
     return result
 
 
+@torch.no_grad()
+def _compensation_error(dense, pruned, plan, x) -> dict:
+    """How far the pruned model is from the trained one with the removed γ set to zero (β kept)."""
+    ref = zero_removed_gammas(copy.deepcopy(dense), plan)(x)
+    return {"max_abs_diff": float((pruned(x) - ref).abs().max()), "max_abs_logit": float(ref.abs().max()),
+            "images": len(x)}
+
+
 def _model_summary(model, shape, accuracy, onnx_path) -> dict:
     summary = {
         "params": bench.count_params(model),
@@ -183,8 +191,10 @@ def run(
                      num_classes=data.num_classes, input_shape=shape)
     if isinstance(sparsifier, ProximalSparsifier):
         plan.notes["proximal"] = sparsifier.zero_summary()
-    apply_plan(pruned, plan)
+    calibration = normalize(data.train.images[: recipe.prune.calibration_images]).cpu().contiguous()
+    apply_plan(pruned, plan, calibration if recipe.prune.compensate else None)
     prune_seconds = time.perf_counter() - tic
+    compensation = _compensation_error(dense_cpu, pruned, plan, normalize(data.test.images[:64]).cpu().contiguous())
     plan.to_json(out / "pruned_plan.json")
     pruned = pruned.to(device, memory_format=memory_format)
     no_ft_acc = evaluate(pruned, data.test, normalize, recipe.data.eval_batch_size)
@@ -241,6 +251,8 @@ def run(
             "score_cut": plan.score_cut,
             "round_to": plan.round_to,
             "seconds": prune_seconds,
+            "compensated": recipe.prune.compensate,
+            "error_vs_zeroed_gamma": compensation,
             "layers": [{"name": n, "before": before[n], "after": after[n]} for n in before],
             **({"proximal": plan.notes["proximal"]} if "proximal" in plan.notes else {}),
         },

@@ -41,6 +41,7 @@ class ChannelPlan:
     groups: list[GroupPlan]
     score_cut: float | None = None
     round_to: int | None = None
+    biased: list[str] = field(default_factory=list)  # layers given a bias by BN-bias compensation
     notes: dict = field(default_factory=dict)
 
     @property

@@ -114,6 +114,8 @@ class PruneCfg(_Section):
     min_channels: int = Field(1, ge=1, description="channels kept at least per group")
     round_to: int | Literal["auto"] | None = Field(None, description="kept widths multiple of N; auto: SIMD block")
     score_reduce: Literal["max", "mean", "sum"] = "max"
+    compensate: bool = Field(True, description="fold removed channels' BN shift into the next layers' bias")
+    calibration_images: int = Field(64, ge=1, description="training images for compensation")
 
     @field_validator("round_to")
     @classmethod

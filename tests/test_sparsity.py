@@ -81,23 +81,27 @@ def test_proximal_state_roundtrip():
 
 
 def test_proximal_ns_reaches_exact_zeros_and_pruning_them_keeps_accuracy():
-    """Proximal NS on a small seeded synthetic run: many ξ become exactly 0, and removing exactly
-    those channels (no threshold, no fine-tuning) moves test accuracy by at most one point."""
+    """Proximal NS on a small seeded synthetic run: a good share of ξ becomes exactly 0, and removing
+    exactly those channels (no threshold, no fine-tuning; BN-bias compensation on) moves test accuracy
+    by at most one point."""
+    torch.set_num_threads(1)  # bit-reproducible on any core count
     data = make_synthetic(num_classes=4, image_size=16, train_size=512, test_size=256, seed=0)
     torch.manual_seed(0)
-    model = build_model("resnet20", 4, bn_init=0.5)
+    model = build_model("resnet20", 4, bn_init=0.2)
     norm = Normalize(data.mean, data.std, "cpu")
-    sp = make_sparsifier(model, SparsityCfg(method="proximal", penalty="l1", lam=0.02, beta=1.0))
-    cfg = FinetuneCfg(epochs=4, lr=0.05, schedule="cosine")
-    res = train(model, data, cfg, batch_size=32, eval_batch_size=256, augment=False, normalize=norm,
+    sp = make_sparsifier(model, SparsityCfg(method="proximal", penalty="l1", lam=0.3, beta=300.0))
+    cfg = FinetuneCfg(epochs=10, lr=0.1, schedule="cosine")
+    res = train(model, data, cfg, batch_size=16, eval_batch_size=256, augment=False, normalize=norm,
                 sparsifier=sp, seed=0, progress=False)
     summary = sp.zero_summary()
-    assert summary["xi_zeros"] >= 0.2 * summary["channels"], summary
+    assert summary["xi_zeros"] >= 0.3 * summary["channels"], summary
+    assert summary["gamma_max_abs_at_xi_zero"] < 0.01, summary
     model.eval()
     groups = channel_groups(model, build_graph(model, torch.randn(1, 3, 16, 16)))
     plan = make_plan(groups, sp.scores(), PruneCfg(how="zeros"), model_name="resnet20", num_classes=4,
                      input_shape=(3, 16, 16))
-    assert plan.channels_kept < plan.channels_total
-    acc_pruned = evaluate(apply_plan(model, plan), data.test, norm, 256)
-    assert res.accuracy > 50
+    assert plan.channels_kept <= 0.7 * plan.channels_total
+    pruned = apply_plan(model, plan, calibration=norm(data.train.images[:64]))
+    acc_pruned = evaluate(pruned, data.test, norm, 256)
+    assert res.accuracy > 60
     assert abs(acc_pruned - res.accuracy) <= 1.0, (res.accuracy, acc_pruned)

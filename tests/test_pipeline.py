@@ -1,0 +1,63 @@
+"""One end-to-end run of the CLI on synthetic data: the run directory and report.json contracts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import torch
+
+from slimdeploy.pipeline import load_pruned
+from slimdeploy.train import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = [
+    "data.train_size=256", "data.test_size=128", "data.image_size=16", "data.batch_size=32",
+    "train.epochs=2", "finetune.epochs=1", "bench.iters=3", "bench.warmup=1",
+    "bench.settings=[{batch: 1, threads: 1}, {batch: 4, threads: 0}]",
+]
+
+
+def test_quickstart_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "tools" / "compress.py"), str(ROOT / "recipes" / "quickstart.yaml"),
+            "--export", "onnx", "--out", str(out), "--quiet"]
+    for s in FAST:
+        args += ["--set", s]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    for name in ["recipe.yaml", "checkpoints/last.pt", "dense.pt", "pruned.pt", "pruned_plan.json",
+                 "dense.onnx", "pruned.onnx", "report.json", "report.md", "scores.png", "widths.png", "latency.png"]:
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    for key in ["recipe", "model", "dataset", "dense", "pruned", "pruning", "export", "train"]:
+        assert key in report
+    d, p = report["dense"], report["pruned"]
+    for side in (d, p):
+        assert {"params", "macs", "accuracy", "onnx", "latency_ms"} <= set(side)
+        assert set(side["latency_ms"]) == {"p50", "p90", "p99"}
+    assert p["macs"] < d["macs"] and p["params"] < d["params"]
+    e = report["export"]
+    assert e["opset"] >= 17 and e["max_abs_diff"] <= 1e-4 * e["max_abs_logit"]
+    pr = report["pruning"]
+    assert 0 < pr["channels_kept"] < pr["channels_total"]
+    assert all(l["after"] >= 1 for l in pr["layers"]) and any(l["after"] < l["before"] for l in pr["layers"])
+    assert report["train"]["epochs"] == 2 and report["train"]["seconds"] > 0
+    onnx.checker.check_model(str(out / "pruned.onnx"))
+
+    # every artefact reloads without pickled classes
+    ck = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ck["epoch"] == 2 and {"model", "optimizer", "scheduler", "sparsifier", "rng"} <= set(ck)
+    torch.load(out / "dense.pt", weights_only=True)
+    model = load_pruned(out).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert model(x).shape == (2, 10)
+    assert "| params |" in (out / "report.md").read_text()
+
+    # resume: all stages done, so training is skipped and the same numbers come back
+    res2 = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=900)
+    assert res2.returncode == 0, res2.stderr[-3000:]
+    again = json.loads((out / "report.json").read_text())
+    assert again["dense"]["accuracy"] == d["accuracy"] and again["pruned"]["params"] == p["params"]
