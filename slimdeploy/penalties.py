@@ -156,10 +156,10 @@ class LpPenalty(Penalty):
     everywhere.  The default ``eps = 1e-6`` is about 8 float32 ulps at 1.0
     (BN scales start at O(1)): a channel with ``|gamma| < 1e-6`` is numerically
     dead and far below any pruning threshold, so the clamp never alters the
-    gradient of a channel whose fate is still open, while it keeps the largest
-    possible kick 100x smaller than eps = 1e-8 would for p near 0 (the bound
-    scales like ``eps**(p-1)``).  The subgradient still pushes near-zero values
-    hard; for exact zeros use ``prox`` (proximal SGD).
+    gradient of a channel whose fate is still open, while the bound on the
+    gradient is ``100**(1-p)`` times smaller than with eps = 1e-8 (e.g. 0.05
+    instead of 0.5 for lam = 1e-4, p = 1/2).  Near 0 the subgradient still
+    makes SGD overshoot and chatter; for exact zeros use ``prox`` (proximal SGD).
 
     ``value`` is autograd-safe as well: its autograd gradient is 0 at x == 0.
     """
@@ -278,7 +278,8 @@ class MCPPenalty(Penalty):
     def _pointwise(self, x):
         ax = x.abs()
         lam, a = self.lam, self.a
-        return torch.where(ax <= a * lam, lam * ax - ax.pow(2) / (2.0 * a), torch.full_like(ax, 0.5 * a * lam * lam))
+        inner = lam * ax - ax.pow(2) / (2.0 * a)
+        return torch.where(ax <= a * lam, inner, torch.full_like(ax, 0.5 * a * lam * lam))
 
     def _dabs(self, ax):
         return torch.clamp(self.lam - ax / self.a, min=0.0)
@@ -287,8 +288,9 @@ class MCPPenalty(Penalty):
         lam, a = self.lam, self.a
         if a > step:  # firm thresholding
             mid = (u - step * lam) * (a / (a - step))
-            return torch.where(u <= step * lam, torch.zeros_like(u), torch.where(u <= a * lam, mid, u))
-        # a <= step: the inner piece is concave, so the only candidates are 0 and
+            x = torch.where(u <= a * lam, mid, u)
+            return torch.where(u <= step * lam, torch.zeros_like(u), x)
+        # a <= step: the inner piece is concave (or linear), so the candidates are 0 and
         # u (if u > a*lam); objectives u**2/2 and step*a*lam**2/2 tie at lam*sqrt(a*step).
         return torch.where(u > lam * math.sqrt(a * step), u, torch.zeros_like(u))
 
@@ -315,14 +317,16 @@ class SCADPenalty(Penalty):
 
     def _dabs(self, ax):
         lam, a = self.lam, self.a
-        return torch.where(ax <= lam, torch.full_like(ax, lam), torch.clamp(a * lam - ax, min=0.0) / (a - 1.0))
+        outer = torch.clamp(a * lam - ax, min=0.0) / (a - 1.0)
+        return torch.where(ax <= lam, torch.full_like(ax, lam), outer)
 
     def _prox_abs(self, u, step):
         lam, a = self.lam, self.a
         s = step * lam
         if a > 1.0 + step:  # convex objective: three-piece SCAD thresholding
             mid = ((a - 1.0) * u - a * s) / (a - 1.0 - step)
-            return torch.where(u <= lam + s, torch.clamp(u - s, min=0.0), torch.where(u <= a * lam, mid, u))
+            x = torch.where(u <= a * lam, mid, u)
+            return torch.where(u <= lam + s, torch.clamp(u - s, min=0.0), x)
         # a <= 1 + step: the middle piece is concave (or linear), so the global
         # minimiser is the best of the inner piece's minimiser and the outer one's.
         inner = torch.clamp(u - s, min=0.0, max=lam)

@@ -64,6 +64,7 @@ class OptimCfg(_Section):
     schedule: Literal["multistep", "cosine", "onecycle", "constant"] = "multistep"
     milestones: list[float] = Field([0.5, 0.75], description="fractions of the epochs (multistep)")
     gamma: float = Field(0.1, gt=0, le=1, description="lr factor at each milestone (multistep)")
+    amp: bool = Field(False, description="float16 mixed precision with loss scaling (CUDA only)")
 
     @field_validator("milestones")
     @classmethod

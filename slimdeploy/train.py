@@ -142,6 +142,9 @@ def train(
     total_steps = max(cfg.epochs * steps_per_epoch, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step / total_steps))
     gen = torch.Generator().manual_seed(seed)
+    device_type = torch.device(normalize.device).type
+    use_amp = cfg.amp and device_type == "cuda"  # float16 autocast with loss scaling; CPU trains in float32
+    scaler = torch.amp.GradScaler(device_type, enabled=use_amp)
     start_epoch, seconds, history = 0, 0.0, []
 
     if resume and checkpoint and Path(checkpoint).is_file():
@@ -150,6 +153,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sparsifier.load_state_dict(state["sparsifier"])
+        scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"], gen)
         start_epoch, seconds, history = state["epoch"], state["seconds"], state["history"]
 
@@ -167,18 +171,23 @@ def train(
         )
         for step, (images, labels) in enumerate(bar):
             labels = labels.to(normalize.device, non_blocking=True)
-            loss = F.cross_entropy(model(normalize(images)), labels)
+            with torch.autocast(device_type, dtype=torch.float16, enabled=use_amp):
+                loss = F.cross_entropy(model(normalize(images)), labels)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"{desc}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
                     f"the last good checkpoint is kept ({checkpoint})"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # the penalty's gradient joins the true, unscaled gradients
             sparsifier.before_step()
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            sparsifier.after_step(lr)
+            scale = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            if scaler.get_scale() >= scale:  # the step was taken (not skipped for inf/NaN gradients)
+                sparsifier.after_step(lr)
             scheduler.step()
             loss_sum += loss.detach().cpu() * len(labels)
             seen += len(labels)
@@ -207,6 +216,7 @@ def train(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "sparsifier": sparsifier.state_dict(),
+                    "scaler": scaler.state_dict(),
                     "rng": _rng_state(gen),
                     "epoch": epoch + 1,
                     "seconds": seconds,

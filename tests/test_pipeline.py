@@ -61,3 +61,11 @@ def test_quickstart_end_to_end(tmp_path):
     assert res2.returncode == 0, res2.stderr[-3000:]
     again = json.loads((out / "report.json").read_text())
     assert again["dense"]["accuracy"] == d["accuracy"] and again["pruned"]["params"] == p["params"]
+
+    # several runs in one table and plot
+    cmp = subprocess.run([sys.executable, str(ROOT / "tools" / "compare.py"), str(out), str(out),
+                          "--out", str(tmp_path / "cmp"), "--md", str(tmp_path / "cmp" / "t.md")],
+                         capture_output=True, text=True, timeout=120)
+    assert cmp.returncode == 0, cmp.stderr
+    assert (tmp_path / "cmp" / "accuracy_vs_macs.png").is_file()
+    assert (tmp_path / "cmp" / "t.md").read_text().count("| run |") == 1

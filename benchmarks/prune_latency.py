@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Does the MACs cut of pruning turn into ONNX Runtime latency? Aligned vs unaligned widths.
+
+Prunes ResNet-56 (by default) by a global percent plan to at least 2× fewer MACs, once with free
+widths and once with widths rounded to the SIMD block (round_to auto: 16 with AVX-512), exports dense
+and pruned to ONNX and times them interleaved in onnxruntime at batch 1 / 1 thread and batch 64 /
+all cores. Prints, per setting, the latency speedup over dense and its ratio to the MACs cut
+(1.0 = the MACs saving fully realised). Channel scores come from a run's dense.pt (--run DIR) or,
+without one, from a seeded random γ spread that mimics a sparse-trained network. Also times building
+the dependency graph and pruning ResNet-164.
+
+    tools/venv python benchmarks/prune_latency.py [--run runs/X] [--percent 0.5] [--iters 100]
+"""
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from slimdeploy import ortbench  # noqa: E402
+from slimdeploy.bench import count_macs  # noqa: E402
+from slimdeploy.export import export_onnx  # noqa: E402
+from slimdeploy.graph import build_graph, channel_groups  # noqa: E402
+from slimdeploy.models import build_model  # noqa: E402
+from slimdeploy.plan import make_plan, simd_block  # noqa: E402
+from slimdeploy.prune import apply_plan  # noqa: E402
+from slimdeploy.recipe import PruneCfg  # noqa: E402
+from slimdeploy.sparsity import BN_TYPES  # noqa: E402
+
+SHAPE = (3, 32, 32)
+
+
+def dense_model(name, run):
+    torch.manual_seed(0)
+    model = build_model(name, 10)
+    if run:
+        model.load_state_dict(torch.load(Path(run) / "dense.pt", weights_only=True, map_location="cpu"))
+    else:  # γ spread over magnitudes, as after sparse training
+        for m in model.modules():
+            if isinstance(m, BN_TYPES):
+                m.weight.data = torch.rand(m.num_features) ** 4
+    return model.eval()
+
+
+def pruned_model(dense, name, percent, round_to):
+    model = copy.deepcopy(dense)
+    groups = channel_groups(model, build_graph(model, torch.randn(1, *SHAPE)))
+    scores = {n: m.weight.detach().abs() for n, m in model.named_modules() if isinstance(m, BN_TYPES)}
+    plan = make_plan(groups, scores, PruneCfg(how="percent", percent=percent, round_to=round_to),
+                     model_name=name, num_classes=10, input_shape=SHAPE)
+    return apply_plan(model, plan)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet56")
+    ap.add_argument("--run", help="run directory whose dense.pt gives the scores")
+    ap.add_argument("--percent", type=float, default=0.5)
+    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=10)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count())
+
+    dense = dense_model(args.model, args.run)
+    dense_macs = count_macs(dense, SHAPE)
+    variants = {"unaligned": None, f"aligned (round_to {simd_block()})": "auto"}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [export_onnx(dense, Path(tmp) / "dense.onnx", SHAPE)]
+        cuts = {}
+        for label, round_to in variants.items():
+            model = pruned_model(dense, args.model, args.percent, round_to)
+            cuts[label] = dense_macs / count_macs(model, SHAPE)
+            paths.append(export_onnx(model, Path(tmp) / f"{round_to}.onnx", SHAPE))
+        print(f"{args.model}, percent {args.percent}, scores from {args.run or 'random γ'}; "
+              f"dense {dense_macs / 1e6:.1f} M MACs (thop)")
+        for label, cut in cuts.items():
+            print(f"  {label:<22} MACs cut {cut:.2f}×")
+        print(f"{'setting':<22}{'variant':<24}{'dense p50 ms':>13}{'pruned p50 ms':>15}{'speedup':>9}{'÷ MACs cut':>12}")
+        for batch, threads in ((1, 1), (64, os.cpu_count())):
+            stats = ortbench.time_sessions(paths, batch=batch, threads=threads, warmup=args.warmup, iters=args.iters)
+            for (label, cut), s in zip(cuts.items(), stats[1:]):
+                speedup = stats[0].p50 / s.p50
+                print(f"{f'batch {batch}, {threads} thr':<22}{label:<24}{stats[0].p50:>13.3f}{s.p50:>15.3f}"
+                      f"{speedup:>8.2f}×{speedup / cut:>12.2f}")
+
+    big = dense_model("resnet164", None)
+    t0 = time.perf_counter()
+    pruned_model(big, "resnet164", 0.5, None)
+    print(f"resnet164: dependency graph + plan + pruning in {time.perf_counter() - t0:.2f} s "
+          f"({torch.get_num_threads()} threads)")
+
+
+if __name__ == "__main__":
+    main()
