@@ -197,7 +197,7 @@ def run(
     compensation = _compensation_error(dense_cpu, pruned, plan, normalize(data.test.images[:64]).cpu().contiguous())
     plan.to_json(out / "pruned_plan.json")
     pruned = pruned.to(device, memory_format=memory_format)
-    no_ft_acc = evaluate(pruned, data.test, normalize, recipe.data.eval_batch_size)
+    no_ft_acc = evaluate(pruned, data.test, normalize, recipe.data.eval_batch_size, progress)
     log(f"pruned {plan.channels_total - plan.channels_kept} of {plan.channels_total} channels "
         f"in {prune_seconds:.1f} s; accuracy {trained.accuracy:.2f}% → {no_ft_acc:.2f}% before fine-tuning")
 

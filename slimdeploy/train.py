@@ -194,7 +194,7 @@ def train(
             if progress and step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
         seconds += time.perf_counter() - tic
-        accuracy = evaluate(model, data.test, normalize, eval_batch_size)
+        accuracy = evaluate(model, data.test, normalize, eval_batch_size, progress)
         history.append(
             {
                 "epoch": epoch + 1,
