@@ -58,7 +58,9 @@ def main():
     hook_ms = {n: [] for n in VARIANTS}
 
     for r in range(-args.warmup, args.rounds):
-        for name, sp in sparsifiers.items():
+        names = list(sparsifiers)
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate: no variant always first
+            sp = sparsifiers[name]
             sync()
             t0 = time.perf_counter()
             loss = F.cross_entropy(model(x), y)
