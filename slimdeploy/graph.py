@@ -32,6 +32,9 @@ class ChannelGroup:
     root: str  # name of the conv/linear whose output channels define the group
     channels: int
     bns: list[BNSlot]
+    # Grouped convs (1 < groups, not depthwise) in the group: channel c = k·(channels/ch_groups) + j is
+    # position j of conv group k, and every conv group must lose the same positions.
+    ch_groups: int = 1
 
 
 def output_layers(model: nn.Module) -> list[nn.Module]:
@@ -41,6 +44,10 @@ def output_layers(model: nn.Module) -> list[nn.Module]:
         return [linears[-1]]
     convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
     return convs[-1:]
+
+
+def _is_depthwise(conv: nn.Module) -> bool:
+    return conv.groups == conv.in_channels == conv.out_channels
 
 
 def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
@@ -64,8 +71,11 @@ def channel_groups(model: nn.Module, dg: tp.DependencyGraph) -> list[ChannelGrou
     for group in dg.get_all_groups(ignored_layers=output_layers(model)):
         root_module = group[0].dep.target.module
         slots: dict[str, BNSlot] = {}
+        ch_groups = 1
         for item in group.items:
             module = item.dep.target.module
+            if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not _is_depthwise(module):
+                ch_groups = max(ch_groups, module.groups)
             if isinstance(module, BN_TYPES) and module.weight is not None:
                 name = names[module]
                 slot = slots.setdefault(name, BNSlot(name, [], []))
@@ -73,7 +83,7 @@ def channel_groups(model: nn.Module, dg: tp.DependencyGraph) -> list[ChannelGrou
                 slot.root_idxs.extend(int(i) for i in item.root_idxs)
         if slots:
             channels = dg.get_out_channels(root_module)
-            groups.append(ChannelGroup(names[root_module], int(channels), list(slots.values())))
+            groups.append(ChannelGroup(names[root_module], int(channels), list(slots.values()), ch_groups))
     if not groups:
         raise GraphError(f"{type(model).__name__}: no prunable channel group holds a BatchNorm layer")
     return groups

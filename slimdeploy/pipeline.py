@@ -113,9 +113,11 @@ def _compensation_error(dense, pruned, plan, x) -> dict:
 
 
 def _model_summary(model, shape, accuracy, onnx_path) -> dict:
+    macs = bench.count_macs(model, shape)
     summary = {
         "params": bench.count_params(model),
-        "macs": bench.count_macs(model, shape),
+        "macs": macs,
+        "flops": 2 * macs,
         "macs_flop_counter": bench.count_flop_counter_macs(model, shape),
         "accuracy": accuracy,
         "onnx": str(onnx_path) if onnx_path else None,

@@ -10,6 +10,7 @@ least ``min_channels``; with ``round_to`` the kept widths are multiples of N.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -137,12 +138,16 @@ def make_plan(
     round_to = simd_block() if cfg.round_to == "auto" else cfg.round_to
     plans = []
     for group, score, remove in zip(groups, scores, masks):
-        kept = group.channels - int(remove.sum())
-        kept = max(kept, min(cfg.min_channels, group.channels))
-        kept = _round_kept(kept, group.channels, round_to)
-        # Keep the `kept` best channels; ties broken by channel index, so plans are deterministic.
-        order = torch.argsort(-score, stable=True)
-        drop = sorted(int(i) for i in order[kept:])
+        # Decide per position within a conv group (all positions when the group has no grouped conv).
+        g = group.ch_groups
+        positions = group.channels // g
+        kept = positions - round(int(remove.sum()) / g)
+        kept = max(kept, min(math.ceil(cfg.min_channels / g), positions))
+        if round_to:
+            kept = _round_kept(kept, positions, round_to // math.gcd(round_to, g))
+        # Keep the best positions; ties broken by index, so plans are deterministic.
+        order = torch.argsort(-score.view(g, positions).amax(0), stable=True)
+        drop = sorted(k * positions + int(j) for k in range(g) for j in order[kept:])
         plans.append(GroupPlan(group.root, group.channels, drop, [s.name for s in group.bns]))
     return ChannelPlan(
         model_name, num_classes, list(input_shape), cfg.how, plans, cut, round_to,

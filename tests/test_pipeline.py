@@ -69,3 +69,23 @@ def test_quickstart_end_to_end(tmp_path):
     assert cmp.returncode == 0, cmp.stderr
     assert (tmp_path / "cmp" / "accuracy_vs_macs.png").is_file()
     assert len((tmp_path / "cmp" / "t.md").read_text().splitlines()) == 4  # header, rule, two runs
+
+
+def test_int8_export_reports_accuracy_and_latency(tmp_path):
+    out = tmp_path / "run8"
+    args = [sys.executable, str(ROOT / "tools" / "compress.py"), str(ROOT / "recipes" / "quickstart.yaml"),
+            "--export", "onnx-int8", "--out", str(out), "--quiet",
+            "--set", "train.epochs=1", "--set", "finetune.epochs=0", "--set", "bench.torch=false",
+            "--set", "bench.settings=[{batch: 1, threads: 1}]"]
+    for s in FAST:
+        if not s.startswith(("train.epochs", "finetune.epochs", "bench.settings")):
+            args += ["--set", s]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    q = json.loads((out / "report.json").read_text())["int8"]
+    for side in ("dense", "pruned"):
+        assert (out / f"{side}.int8.onnx").is_file()
+        assert 0 <= q[side]["accuracy"] <= 100
+        assert q[side]["onnx_bytes"] < (out / f"{side}.onnx").stat().st_size
+    assert q["latency"][0]["pruned"]["p50"] > 0
+    assert "INT8" in (out / "report.md").read_text()

@@ -172,3 +172,33 @@ def test_compensated_plan_rebuilds(tmp_path):
     x = torch.randn(2, *SHAPE)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), pruned(x))
+
+
+@pytest.mark.parametrize("name", ["torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:regnet_x_400mf"])
+def test_torchvision_models_prune_compensate_and_export(name, tmp_path):
+    """Bottleneck/basic residual streams, depthwise and grouped convs: pruned without compensation
+    equals the γ,β-masked model wherever BNs gate every read, compensation moves the pruned model
+    towards the γ-zeroed one, and the export matches PyTorch."""
+    dense = _trained_like(name)
+    groups, plan = _plan(dense, name, percent=0.4)
+    x = torch.randn(2, *SHAPE)
+    masked = mask_plan(copy.deepcopy(dense), groups, plan)
+    plain = apply_plan(copy.deepcopy(dense), plan)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), masked(x), atol=1e-4, rtol=1e-4)
+    compensated = apply_plan(copy.deepcopy(dense), plan, calibration=torch.randn(8, *SHAPE))
+    zeroed = zero_removed_gammas(copy.deepcopy(dense), plan)
+    with torch.no_grad():
+        ref = zeroed(x)
+        assert (compensated(x) - ref).abs().max() <= (plain(x) - ref).abs().max()
+    assert plan.channels_kept < plan.channels_total
+    check = verify_onnx(compensated, export_onnx(compensated, tmp_path / "m.onnx", SHAPE), x)
+    assert check.max_abs_diff <= 1e-4 * check.max_abs_logit
+
+
+def test_model_without_batchnorm_is_a_clear_error():
+    from slimdeploy.graph import GraphError
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    with pytest.raises(GraphError, match="no BatchNorm"):
+        build_graph(net, torch.randn(1, *SHAPE))
