@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """Does the MACs cut of pruning turn into ONNX Runtime latency? Aligned vs unaligned widths.
 
-Prunes ResNet-56 (by default) by a global percent plan to at least 2× fewer MACs, once with free
-widths and once with widths rounded to the SIMD block (round_to auto: 16 with AVX-512), exports dense
+Prunes ResNet-56 (by default) by a global percent plan to at least 2× fewer MACs (the smallest
+percent that gets there), once with free widths and once with widths rounded to the SIMD block (round_to auto: 16 with AVX-512), exports dense
 and pruned to ONNX and times them interleaved in onnxruntime at batch 1 / 1 thread and batch 64 /
 all cores. Prints, per setting, the latency speedup over dense and its ratio to the MACs cut
 (1.0 = the MACs saving fully realised). Channel scores come from a run's dense.pt (--run DIR) or,
 without one, from a seeded random γ spread that mimics a sparse-trained network. Also times building
 the dependency graph and pruning ResNet-164.
 
-    tools/venv python benchmarks/prune_latency.py [--run runs/X] [--percent 0.5] [--iters 100]
+    tools/venv python benchmarks/prune_latency.py [--run runs/X] [--target 2.0] [--iters 100]
 """
 
 import argparse
@@ -62,7 +62,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet56")
     ap.add_argument("--run", help="run directory whose dense.pt gives the scores")
-    ap.add_argument("--percent", type=float, default=0.5)
+    ap.add_argument("--percent", type=float, default=0.3, help="smallest global percent tried")
+    ap.add_argument("--target", type=float, default=2.0, help="MACs cut to reach")
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=10)
     args = ap.parse_args()
@@ -74,14 +75,18 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         paths = [export_onnx(dense, Path(tmp) / "dense.onnx", SHAPE)]
         cuts = {}
+        print(f"{args.model}, scores from {args.run or 'random γ'}; dense {dense_macs / 1e6:.1f} M MACs (thop); "
+              f"smallest percent (step 0.05) reaching a {args.target}× MACs cut:")
         for label, round_to in variants.items():
-            model = pruned_model(dense, args.model, args.percent, round_to)
-            cuts[label] = dense_macs / count_macs(model, SHAPE)
+            percent = args.percent
+            while True:
+                model = pruned_model(dense, args.model, percent, round_to)
+                cuts[label] = dense_macs / count_macs(model, SHAPE)
+                if cuts[label] >= args.target or percent >= 0.9:
+                    break
+                percent = round(percent + 0.05, 2)
             paths.append(export_onnx(model, Path(tmp) / f"{round_to}.onnx", SHAPE))
-        print(f"{args.model}, percent {args.percent}, scores from {args.run or 'random γ'}; "
-              f"dense {dense_macs / 1e6:.1f} M MACs (thop)")
-        for label, cut in cuts.items():
-            print(f"  {label:<22} MACs cut {cut:.2f}×")
+            print(f"  {label:<22} percent {percent:.2f}: MACs cut {cuts[label]:.2f}×")
         print(f"{'setting':<22}{'variant':<24}{'dense p50 ms':>13}{'pruned p50 ms':>15}{'speedup':>9}{'÷ MACs cut':>12}")
         for batch, threads in ((1, 1), (64, os.cpu_count())):
             stats = ortbench.time_sessions(paths, batch=batch, threads=threads, warmup=args.warmup, iters=args.iters)

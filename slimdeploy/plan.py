@@ -101,7 +101,11 @@ def group_scores(group: ChannelGroup, bn_scores: dict[str, torch.Tensor], reduce
 
 
 def _round_kept(kept: int, channels: int, n: int | None) -> int:
-    if not n or channels <= n:
+    """The multiple of n nearest to ``kept`` (at least n, at most all channels).
+
+    A layer of at most n channels fills one SIMD block whatever its width, so it keeps them all.
+    """
+    if not n:
         return kept
     return min(max(n, n * round(kept / n)), channels)
 
