@@ -166,14 +166,41 @@ class Normalize:
         return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
 
-def train_batches(split: Split, batch_size: int, gen: torch.Generator, augment_images: bool):
-    """Shuffled batches (the last, smaller one dropped) of uint8 images and labels."""
-    order = torch.randperm(len(split), generator=gen)
-    for start in range(0, len(order) - batch_size + 1, batch_size):
+def _step_seed(*parts: int) -> int:
+    """A seed that is a pure function of (seed, epoch, step, rank): any step can be replayed alone."""
+    x = 0
+    for part in parts:
+        x = (x * 1_000_003 + part) % (2**63 - 1)
+    return x
+
+
+def steps_per_epoch(split: Split, batch_size: int, world: int = 1) -> int:
+    return len(split) // (batch_size * world)
+
+
+def train_batches(
+    split: Split,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    augment_images: bool,
+    start_step: int = 0,
+    rank: int = 0,
+    world: int = 1,
+):
+    """This process's shuffled batches of one epoch (uint8 images, labels), from ``start_step`` on.
+
+    The order and the augmentation depend only on (seed, epoch, step, rank), so a resumed run sees
+    exactly the batches an uninterrupted one would. With ``world`` processes each step takes
+    ``world`` consecutive batches of the epoch's permutation and this process the ``rank``-th.
+    """
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(_step_seed(seed, epoch)))
+    for step in range(start_step, steps_per_epoch(split, batch_size, world)):
+        start = (step * world + rank) * batch_size
         idx = order[start : start + batch_size]
         images = split.images[idx]
         if augment_images:
-            images = augment(images, gen)
+            images = augment(images, torch.Generator().manual_seed(_step_seed(seed, epoch, step, rank)))
         yield images, split.labels[idx]
 
 

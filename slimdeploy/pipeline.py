@@ -194,7 +194,8 @@ def run(
     if isinstance(sparsifier, ProximalSparsifier):
         plan.notes["proximal"] = sparsifier.zero_summary()
     calibration = normalize(data.train.images[: recipe.prune.calibration_images]).cpu().contiguous()
-    apply_plan(pruned, plan, calibration if recipe.prune.compensate else None)
+    compensate = recipe.prune.compensate
+    apply_plan(pruned, plan, None if compensate == "none" else calibration, exact=compensate == "exact")
     prune_seconds = time.perf_counter() - tic
     compensation = _compensation_error(dense_cpu, pruned, plan, normalize(data.test.images[:64]).cpu().contiguous())
     plan.to_json(out / "pruned_plan.json")

@@ -43,6 +43,7 @@ class ChannelPlan:
     score_cut: float | None = None
     round_to: int | None = None
     biased: list[str] = field(default_factory=list)  # layers given a bias by BN-bias compensation
+    bias_maps: dict[str, list[int]] = field(default_factory=dict)  # layers wrapped in a BiasMap, its shape
     notes: dict = field(default_factory=dict)
 
     @property

@@ -35,66 +35,78 @@ def _plan_groups(model: nn.Module, dg, plan: ChannelPlan):
 
 
 def _removed_inputs(model: nn.Module, dg, plan: ChannelPlan):
-    """Per BN, the channels to zero; per consumer conv/linear, the input channels it loses (dense indices)."""
+    """Dense channel indices the plan removes: per BN (to zero), per consumer conv/linear its lost
+    inputs, and per conv/linear its lost outputs."""
     names = {m: n for n, m in model.named_modules()}
-    bn_zero, consumer_inputs = defaultdict(set), defaultdict(set)
+    bn_zero, inputs, outputs = defaultdict(set), defaultdict(set), defaultdict(set)
     for group in _plan_groups(model, dg, plan):
         out_pruned = {item.dep.target.module for item in group.items if dg.is_out_channel_pruning_fn(item.dep.handler)}
         for item in group.items:
-            module = item.dep.target.module
+            module, handler = item.dep.target.module, item.dep.handler
+            idxs = (int(i) for i in item.idxs)
             if isinstance(module, BN_TYPES) and module.weight is not None:
-                bn_zero[names[module]].update(int(i) for i in item.idxs)
-            elif (
-                isinstance(module, _WEIGHTED)
-                and module not in out_pruned  # a depthwise conv loses the channel on both sides
-                and item.dep.handler == dg.get_pruner_of_module(module).prune_in_channels
-            ):
-                consumer_inputs[names[module]].update(int(i) for i in item.idxs)
-    return bn_zero, consumer_inputs
+                bn_zero[names[module]].update(idxs)
+            elif isinstance(module, _WEIGHTED) and handler == dg.get_pruner_of_module(module).prune_out_channels:
+                outputs[names[module]].update(idxs)
+            elif isinstance(module, _WEIGHTED) and module not in out_pruned:  # depthwise: lost on both sides
+                inputs[names[module]].update(idxs)
+    return bn_zero, inputs, outputs
 
 
 @torch.no_grad()
 def zero_removed_gammas(model: nn.Module, plan: ChannelPlan) -> nn.Module:
     """Set γ of every BN channel the plan removes to 0, β kept: the function compensation reproduces."""
     example = torch.randn(1, *plan.input_shape, device=next(model.parameters()).device)
-    bn_zero, _ = _removed_inputs(model, build_graph(model, example), plan)
+    bn_zero, _, _ = _removed_inputs(model, build_graph(model, example), plan)
     for name, idxs in bn_zero.items():
         model.get_submodule(name).weight[sorted(idxs)] = 0
     return model
 
 
 @torch.no_grad()
-def _bias_deltas(model: nn.Module, bn_zero, consumer_inputs, calibration: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per consumer, what its removed inputs add to each output: Σ_c mean_input[c] · Σ_kernel W[:, c]."""
+def _contributions(model: nn.Module, bn_zero, inputs, calibration: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per consumer, what its removed inputs add to its output: the layer applied (without bias) to
+    their mean values, measured on the calibration batch of the γ-zeroed model. For a conv this is a
+    map [out, H, W]: constant inside, different where zero padding cuts the kernel."""
     zeroed = copy.deepcopy(model).eval()
     for name, idxs in bn_zero.items():
         zeroed.get_submodule(name).weight[sorted(idxs)] = 0
-    means, hooks = {}, []
-    for name, idxs in consumer_inputs.items():
+    constant_inputs, hooks = {}, []
+    for name, idxs in inputs.items():
         idx = torch.tensor(sorted(idxs))
 
         def hook(module, args, name=name, idx=idx):
-            x = args[0].transpose(0, 1).flatten(1)  # channels first
-            means[name] = x[idx.to(x.device)].double().mean(1)
+            x = args[0]
+            means = x.transpose(0, 1).flatten(1)[idx.to(x.device)].mean(1)
+            z = torch.zeros_like(x[:1])
+            z[0, idx.to(x.device)] = means.view(-1, *([1] * (x.dim() - 2)))
+            constant_inputs[name] = z
 
         hooks.append(zeroed.get_submodule(name).register_forward_pre_hook(hook))
     zeroed(calibration)
     for h in hooks:
         h.remove()
-
-    deltas = {}
-    for name, idxs in consumer_inputs.items():
+    out = {}
+    for name, z in constant_inputs.items():
         layer = model.get_submodule(name)
-        weight = layer.weight.detach().double()
-        delta = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
-        groups = getattr(layer, "groups", 1)
-        in_per, out_per = weight.shape[1], weight.shape[0] // groups
-        for c, m in zip(sorted(idxs), means[name]):
-            g = c // in_per
-            rows = slice(g * out_per, (g + 1) * out_per)
-            delta[rows] += m * weight[rows, c % in_per].reshape(out_per, -1).sum(1)
-        deltas[name] = delta.to(layer.weight.dtype)
-    return deltas
+        if isinstance(layer, nn.Linear):
+            out[name] = nn.functional.linear(z, layer.weight)[0]
+        else:
+            out[name] = layer._conv_forward(z, layer.weight, None)[0]
+    return out
+
+
+class BiasMap(nn.Module):
+    """A layer plus a constant per-position map: the exact contribution of removed constant channels
+    through a zero-padded conv (ties the layer to the input size it was measured at)."""
+
+    def __init__(self, layer: nn.Module, bias_map: torch.Tensor):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("bias_map", bias_map)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x) + self.bias_map
 
 
 def _add_bias(layer: nn.Module, delta: torch.Tensor) -> None:
@@ -104,26 +116,56 @@ def _add_bias(layer: nn.Module, delta: torch.Tensor) -> None:
         layer.bias += delta
 
 
-def apply_plan(model: nn.Module, plan: ChannelPlan, calibration: torch.Tensor | None = None) -> nn.Module:
+def _interior(contribution: torch.Tensor) -> torch.Tensor:
+    """Per output channel, the value away from the borders (the centre position of a map)."""
+    if contribution.dim() == 1:
+        return contribution
+    flat = contribution.flatten(1)
+    return flat[:, flat.shape[1] // 2]
+
+
+def _is_uniform(contribution: torch.Tensor) -> bool:
+    if contribution.dim() == 1:
+        return True
+    flat = contribution.flatten(1)
+    return bool((flat - flat.mean(1, keepdim=True)).abs().max() <= 1e-6 * (1 + flat.abs().max()))
+
+
+def apply_plan(
+    model: nn.Module, plan: ChannelPlan, calibration: torch.Tensor | None = None, exact: bool = True
+) -> nn.Module:
     """Remove the planned channels from ``model`` in place (and return it).
 
-    With a ``calibration`` batch, the constants the removed channels fed forward are folded into the
-    biases of their consumers, and ``plan.biased`` records the layers that gained a bias.
+    With a ``calibration`` batch, what the removed channels fed forward is compensated: as a bias where
+    it is uniform over the feature map, and, with ``exact``, as a :class:`BiasMap` where zero padding
+    makes it vary at the borders (else as the bias of the interior). ``plan.biased`` and
+    ``plan.bias_maps`` record the layers changed, so :func:`rebuild_pruned` can rebuild them.
     """
     device = next(model.parameters()).device
     dg = build_graph(model, torch.randn(1, *plan.input_shape, device=device))
-    deltas = {}
+    maps = {}
     if calibration is not None:
-        bn_zero, consumer_inputs = _removed_inputs(model, dg, plan)
-        deltas = _bias_deltas(model, bn_zero, consumer_inputs, calibration.to(device))
-        plan.biased = sorted(n for n in deltas if model.get_submodule(n).bias is None)
-    # Biases first: the surgery below then trims them with the consumers' own output channels.
-    for name, delta in deltas.items():
-        _add_bias(model.get_submodule(name), delta)
+        bn_zero, inputs, outputs = _removed_inputs(model, dg, plan)
+        contributions = _contributions(model, bn_zero, inputs, calibration.to(device))
+        biased = []
+        # Biases before the surgery, which then trims them with the consumers' own output channels;
+        # maps after it, trimmed here.
+        for name, c in contributions.items():
+            layer = model.get_submodule(name)
+            if exact and not _is_uniform(c):
+                maps[name] = c[[o for o in range(c.shape[0]) if o not in outputs[name]]]
+                continue
+            if layer.bias is None:
+                biased.append(name)
+            _add_bias(layer, _interior(c))
+        plan.biased = sorted(biased)
+        plan.bias_maps = {name: list(m.shape) for name, m in sorted(maps.items())}
     for group in plan.groups:
         if group.remove:
             root = model.get_submodule(group.root)
             dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, group.remove).prune()
+    for name, bias_map in maps.items():
+        model.set_submodule(name, BiasMap(model.get_submodule(name), bias_map))
     return model
 
 
@@ -134,6 +176,8 @@ def rebuild_pruned(plan: ChannelPlan, state_dict: dict) -> nn.Module:
         layer = model.get_submodule(name)
         _add_bias(layer, torch.zeros(layer.weight.shape[0]))
     apply_plan(model, plan)
+    for name, shape in plan.bias_maps.items():
+        model.set_submodule(name, BiasMap(model.get_submodule(name), torch.zeros(shape)))
     model.load_state_dict(state_dict)
     return model
 
@@ -141,7 +185,12 @@ def rebuild_pruned(plan: ChannelPlan, state_dict: dict) -> nn.Module:
 def layer_widths(model: nn.Module) -> dict[str, int]:
     """Output width of every conv and linear layer."""
     widths = {}
+    wrapped = {f"{n}.layer" for n, m in model.named_modules() if isinstance(m, BiasMap)}
     for name, m in model.named_modules():
+        if name in wrapped:
+            continue
+        if isinstance(m, BiasMap):  # listed under the wrapped layer's own name
+            m = m.layer
         if isinstance(m, nn.modules.conv._ConvNd):
             widths[name] = m.out_channels
         elif isinstance(m, nn.Linear):

@@ -65,6 +65,7 @@ class OptimCfg(_Section):
     milestones: list[float] = Field([0.5, 0.75], description="fractions of the epochs (multistep)")
     gamma: float = Field(0.1, gt=0, le=1, description="lr factor at each milestone (multistep)")
     amp: bool = Field(False, description="float16 mixed precision with loss scaling (CUDA only)")
+    checkpoint_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: at epoch ends only)")
 
     @field_validator("milestones")
     @classmethod
@@ -115,7 +116,11 @@ class PruneCfg(_Section):
     min_channels: int = Field(1, ge=1, description="channels kept at least per group")
     round_to: int | Literal["auto"] | None = Field(None, description="kept widths multiple of N; auto: SIMD block")
     score_reduce: Literal["max", "mean", "sum"] = "max"
-    compensate: bool = Field(True, description="fold removed channels' BN shift into the next layers' bias")
+    compensate: Literal["exact", "bias", "none"] = Field(
+        "exact",
+        description="what removed channels fed forward (their BN shift): exact (bias, plus a per-position map "
+        "where zero padding makes it vary; fixes the input size), bias (interior value only), none",
+    )
     calibration_images: int = Field(64, ge=1, description="training images for compensation")
 
     @field_validator("round_to")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from slimdeploy.data import Dataset, Normalize, Split, eval_batches, train_batches
+from slimdeploy.data import Dataset, Normalize, Split, eval_batches, steps_per_epoch, train_batches
 from slimdeploy.sparsity import Sparsifier
 
 
@@ -96,7 +96,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
 
 
-def _rng_state(gen: torch.Generator) -> dict:
+def _rng_state() -> dict:
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     version, py_state, py_gauss = random.getstate()
     return {
@@ -104,11 +104,10 @@ def _rng_state(gen: torch.Generator) -> dict:
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
         "python": [version, list(py_state), py_gauss],
-        "data": gen.get_state(),
     }
 
 
-def _set_rng_state(state: dict, gen: torch.Generator) -> None:
+def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -116,7 +115,11 @@ def _set_rng_state(state: dict, gen: torch.Generator) -> None:
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, py_state, py_gauss = state["python"]
     random.setstate((version, tuple(py_state), py_gauss))
-    gen.set_state(state["data"])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def train(
@@ -134,42 +137,67 @@ def train(
     resume: bool = False,
     progress: bool = True,
     desc: str = "train",
+    rank: int = 0,
+    world: int = 1,
 ) -> TrainResult:
-    """Train ``model`` for ``cfg.epochs`` epochs, checkpointing every epoch to ``checkpoint``."""
-    optimizer = make_optimizer(model, cfg)
-    batch_size = min(batch_size, len(data.train))
-    steps_per_epoch = len(data.train) // batch_size
-    total_steps = max(cfg.epochs * steps_per_epoch, 1)
+    """Train ``model`` (plain or DDP-wrapped) for ``cfg.epochs`` epochs.
+
+    The full state goes to ``checkpoint`` at the end of every epoch and every ``cfg.checkpoint_steps``
+    steps (rank 0 writes it); with ``resume`` training continues from it, mid-epoch included, and ends
+    with the weights an uninterrupted run would have.
+    """
+    inner = unwrap(model)
+    optimizer = make_optimizer(inner, cfg)
+    batch_size = min(batch_size, len(data.train) // world)
+    per_epoch = steps_per_epoch(data.train, batch_size, world)
+    total_steps = max(cfg.epochs * per_epoch, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step / total_steps))
-    gen = torch.Generator().manual_seed(seed)
     device_type = torch.device(normalize.device).type
     use_amp = cfg.amp and device_type == "cuda"  # float16 autocast with loss scaling; CPU trains in float32
     scaler = torch.amp.GradScaler(device_type, enabled=use_amp)
-    start_epoch, seconds, history = 0, 0.0, []
+    epoch, start_step, seconds, history = 0, 0, 0.0, []
+    loss_sum, seen = torch.zeros((), dtype=torch.float64), 0
 
     if resume and checkpoint and Path(checkpoint).is_file():
         state = load_checkpoint(checkpoint)
-        model.load_state_dict(state["model"])
+        inner.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sparsifier.load_state_dict(state["sparsifier"])
         scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"], gen)
-        start_epoch, seconds, history = state["epoch"], state["seconds"], state["history"]
+        _set_rng_state(state["rng"])
+        epoch, start_step, seconds, history = state["epoch"], state["step"], state["seconds"], state["history"]
+        loss_sum, seen = state["loss_sum"], state["seen"]
+
+    def save(epoch: int, step: int) -> None:
+        if checkpoint and rank == 0:
+            save_atomic(
+                {
+                    "model": inner.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "sparsifier": sparsifier.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": _rng_state(),
+                    "epoch": epoch,  # epochs finished
+                    "step": step,  # steps finished in the current epoch
+                    "loss_sum": loss_sum,
+                    "seen": seen,
+                    "seconds": seconds,
+                    "history": history,
+                    "best_acc": max((h["test_acc"] for h in history), default=None),
+                },
+                checkpoint,
+            )
 
     accuracy = history[-1]["test_acc"] if history else None
-    for epoch in range(start_epoch, cfg.epochs):
+    while epoch < cfg.epochs:
         model.train()
         tic = time.perf_counter()
-        loss_sum, seen = torch.zeros(()), 0
-        bar = tqdm(
-            train_batches(data.train, batch_size, gen, augment),
-            total=steps_per_epoch,
-            desc=f"{desc} {epoch + 1}/{cfg.epochs}",
-            disable=not progress,
-            leave=False,
-        )
-        for step, (images, labels) in enumerate(bar):
+        batches = train_batches(data.train, batch_size, seed, epoch, augment, start_step, rank, world)
+        bar = tqdm(batches, total=per_epoch, initial=start_step, desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+                   disable=not progress, leave=False)
+        for step, (images, labels) in enumerate(bar, start=start_step):
             labels = labels.to(normalize.device, non_blocking=True)
             with torch.autocast(device_type, dtype=torch.float16, enabled=use_amp):
                 loss = F.cross_entropy(model(normalize(images)), labels)
@@ -189,10 +217,14 @@ def train(
             if scaler.get_scale() >= scale:  # the step was taken (not skipped for inf/NaN gradients)
                 sparsifier.after_step(lr)
             scheduler.step()
-            loss_sum += loss.detach().cpu() * len(labels)
+            loss_sum += loss.detach().double().cpu() * len(labels)
             seen += len(labels)
             if progress and step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+            if cfg.checkpoint_steps and (step + 1) % cfg.checkpoint_steps == 0 and step + 1 < per_epoch:
+                seconds += time.perf_counter() - tic
+                tic = time.perf_counter()
+                save(epoch, step + 1)
         seconds += time.perf_counter() - tic
         accuracy = evaluate(model, data.test, normalize, eval_batch_size, progress)
         history.append(
@@ -209,22 +241,9 @@ def train(
                 f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {history[-1]['train_loss']:.4f}, "
                 f"test acc {accuracy:.2f}%, penalty {history[-1]['penalty']:.4g}"
             )
-        if checkpoint:
-            save_atomic(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "sparsifier": sparsifier.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": _rng_state(gen),
-                    "epoch": epoch + 1,
-                    "seconds": seconds,
-                    "history": history,
-                    "best_acc": max(h["test_acc"] for h in history),
-                },
-                checkpoint,
-            )
+        epoch, start_step = epoch + 1, 0
+        loss_sum, seen = torch.zeros((), dtype=torch.float64), 0
+        save(epoch, 0)
     if accuracy is None:
         accuracy = evaluate(model, data.test, normalize, eval_batch_size)
     return TrainResult(cfg.epochs, seconds, accuracy, history)

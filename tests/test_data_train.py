@@ -74,8 +74,12 @@ def _setup(seed=0):
     return data, model, sp
 
 
+def _cfg(epochs):
+    return FinetuneCfg(epochs=epochs, lr=0.05, schedule="multistep", milestones=[0.5], checkpoint_steps=3)
+
+
 def _train(data, model, sp, epochs, ckpt, resume=False):
-    return train(model, data, FinetuneCfg(epochs=epochs, lr=0.05, schedule="multistep", milestones=[0.5]),
+    return train(model, data, _cfg(epochs),
                  batch_size=32, eval_batch_size=64, augment=True, normalize=Normalize(data.mean, data.std, "cpu"),
                  sparsifier=sp, seed=0, checkpoint=ckpt, resume=resume, progress=False)
 
@@ -92,8 +96,8 @@ def test_resume_is_bit_identical_to_uninterrupted(tmp_path):
     _train(data, model_a, sp_a, 4, tmp_path / "a.pt")
 
     data, model_b, sp_b = _setup()
-    cfg_stop = FinetuneCfg(epochs=4, lr=0.05, schedule="multistep", milestones=[0.5])
-    # run two epochs of the four-epoch schedule, as a run killed after epoch 2 would have
+    cfg_stop = _cfg(4)
+    # stop right after the 4th checkpoint, in the middle of epoch 2 (8 steps an epoch, one every 3)
     from slimdeploy import train as train_mod
 
     class Stop(Exception):
@@ -105,7 +109,8 @@ def test_resume_is_bit_identical_to_uninterrupted(tmp_path):
     def save_then_stop(obj, path):
         real_save(obj, path)
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 4:
+            assert (obj["epoch"], obj["step"]) == (1, 3)
             raise Stop
 
     train_mod.save_atomic = save_then_stop
