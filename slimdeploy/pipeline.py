@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from slimdeploy import bench, export, ortbench
+from slimdeploy import bench, distributed, export, ortbench
 from slimdeploy.data import Dataset, Normalize, load_dataset
 from slimdeploy.graph import build_graph, channel_groups
 from slimdeploy.models import build_model
@@ -43,24 +43,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for, but no CUDA device is available")
-    return torch.device(name)
-
-
 def _threads(n: int) -> int:
     return n or os.cpu_count() or 1
 
 
-def _train_stage(model, data, opt_cfg, recipe, sparsifier, normalize, ckpt, resume, progress, desc):
+def _train_stage(model, data, opt_cfg, recipe, sparsifier, normalize, ckpt, resume, progress, desc, procs, device):
     return train(
-        model, data, opt_cfg,
+        distributed.wrap(model, procs, device), data, opt_cfg,
         batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size,
         augment=recipe.data.augment, normalize=normalize, sparsifier=sparsifier,
-        seed=recipe.seed, checkpoint=ckpt, resume=resume, progress=progress, desc=desc,
+        seed=recipe.seed, checkpoint=ckpt, resume=resume, progress=progress and procs.main, desc=desc,
+        rank=procs.rank, world=procs.world,
     )
 
 
@@ -158,15 +151,26 @@ def run(
     resume: bool = False,
     progress: bool = True,
 ) -> RunResult:
-    """Run every stage of a recipe and write the run directory; returns the report."""
+    """Run every stage of a recipe and write the run directory; returns the report.
+
+    Under torchrun every process trains its shard and prunes alike; only rank 0 writes files, exports,
+    benchmarks and reports (the other ranks return an empty report).
+    """
     if export_format not in (None, *EXPORTS):
         raise ValueError(f"export must be one of {', '.join(EXPORTS)}, got {export_format!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(recipe.to_yaml())
+    procs, device = distributed.setup(recipe.device)
+    try:
+        return _run(recipe, Path(out_dir), recipe_name, export_format, resume, progress, procs, device)
+    finally:
+        distributed.teardown()
+
+
+def _run(recipe, out, recipe_name, export_format, resume, progress, procs, device) -> RunResult:
+    if procs.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(recipe.to_yaml())
     seed_everything(recipe.seed)
-    device = pick_device(recipe.device)
-    log = (lambda msg: tqdm.write(msg)) if progress else (lambda msg: None)
+    log = (lambda msg: tqdm.write(msg)) if progress and procs.main else (lambda msg: None)
 
     data = load_dataset(recipe.data, recipe.seed)
     normalize = Normalize(data.mean, data.std, device, recipe.data.channels_last)
@@ -180,8 +184,9 @@ def run(
     log(f"sparse training: {recipe.model.name}, {recipe.sparsity.method}/{recipe.sparsity.penalty}, "
         f"{recipe.train.epochs} epochs on {len(data.train)} {data.name} images")
     trained = _train_stage(model, data, recipe.train, recipe, sparsifier, normalize,
-                           out / "checkpoints" / "last.pt", resume, progress, "sparse")
-    save_atomic(model.state_dict(), out / "dense.pt")
+                           out / "checkpoints" / "last.pt", resume, progress, "sparse", procs, device)
+    if procs.main:
+        save_atomic(model.state_dict(), out / "dense.pt")
     scores = sparsifier.scores()
 
     # 2. plan and physical pruning, on a CPU copy (graph tracing and surgery are cheap there)
@@ -198,7 +203,8 @@ def run(
     apply_plan(pruned, plan, None if compensate == "none" else calibration, exact=compensate == "exact")
     prune_seconds = time.perf_counter() - tic
     compensation = _compensation_error(dense_cpu, pruned, plan, normalize(data.test.images[:64]).cpu().contiguous())
-    plan.to_json(out / "pruned_plan.json")
+    if procs.main:
+        plan.to_json(out / "pruned_plan.json")
     pruned = pruned.to(device, memory_format=memory_format)
     no_ft_acc = evaluate(pruned, data.test, normalize, recipe.data.eval_batch_size, progress)
     log(f"pruned {plan.channels_total - plan.channels_kept} of {plan.channels_total} channels "
@@ -208,8 +214,11 @@ def run(
     finetuned = None
     if recipe.finetune.epochs > 0:
         finetuned = _train_stage(pruned, data, recipe.finetune, recipe, Sparsifier(pruned), normalize,
-                                 out / "checkpoints" / "finetune_last.pt", resume, progress, "finetune")
+                                 out / "checkpoints" / "finetune_last.pt", resume, progress, "finetune",
+                                 procs, device)
     pruned_acc = finetuned.accuracy if finetuned else no_ft_acc
+    if not procs.main:
+        return RunResult(out, {})
     save_atomic(pruned.state_dict(), out / "pruned.pt")
 
     # 4. export, checked against PyTorch in onnxruntime

@@ -61,6 +61,8 @@ def main(argv=None) -> int:
         print(f"interrupted; continue with --resume (run directory {out})", file=sys.stderr)
         return 1
     r = result.report
+    if not r:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     print(
         f"{out}: params {r['dense']['params']:,} → {r['pruned']['params']:,}, "
         f"MACs {r['dense']['macs']:,} → {r['pruned']['macs']:,}, "
