@@ -7,6 +7,7 @@ BatchNorm layers whose γ belongs to it, with the index map from BN channel to r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,7 @@ def output_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def _is_depthwise(conv: nn.Module) -> bool:
-    return conv.groups == conv.in_channels == conv.out_channels
+    return conv.groups == conv.in_channels  # one filter group per input channel (any multiplier)
 
 
 def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
@@ -75,7 +76,7 @@ def channel_groups(model: nn.Module, dg: tp.DependencyGraph) -> list[ChannelGrou
         for item in group.items:
             module = item.dep.target.module
             if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not _is_depthwise(module):
-                ch_groups = max(ch_groups, module.groups)
+                ch_groups = math.lcm(ch_groups, module.groups)
             if isinstance(module, BN_TYPES) and module.weight is not None:
                 name = names[module]
                 slot = slots.setdefault(name, BNSlot(name, [], []))

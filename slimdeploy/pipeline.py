@@ -1,16 +1,19 @@
 """The stages glued: sparse training → plan → prune → fine-tune → export → benchmark → report.
 
-Every stage leaves its result in the run directory; with ``resume`` finished stages are read back
-instead of redone, and an interrupted training stage continues from its last checkpoint.
+Every stage leaves its result in the run directory. With ``resume`` the training stages continue
+from their checkpoints (a finished one is not rerun); planning, pruning, export and benchmarks are
+deterministic and redone.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,13 +50,18 @@ def _threads(n: int) -> int:
     return n or os.cpu_count() or 1
 
 
-def _train_stage(model, data, opt_cfg, recipe, sparsifier, normalize, ckpt, resume, progress, desc, procs, device):
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _train_stage(model, data, opt_cfg, recipe, sparsifier, normalize, ckpt, resume, progress, desc, procs, device,
+                 fingerprint):
     return train(
         distributed.wrap(model, procs, device), data, opt_cfg,
         batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size,
         augment=recipe.data.augment, normalize=normalize, sparsifier=sparsifier,
         seed=recipe.seed, checkpoint=ckpt, resume=resume, progress=progress and procs.main, desc=desc,
-        rank=procs.rank, world=procs.world,
+        rank=procs.rank, world=procs.world, fingerprint=fingerprint,
     )
 
 
@@ -172,7 +180,11 @@ def _run(recipe, out, recipe_name, export_format, resume, progress, procs, devic
     seed_everything(recipe.seed)
     log = (lambda msg: tqdm.write(msg)) if progress and procs.main else (lambda msg: None)
 
+    if not procs.main:  # rank 0 fetches the data set first, if it has to
+        distributed.barrier()
     data = load_dataset(recipe.data, recipe.seed)
+    if procs.main:
+        distributed.barrier()
     normalize = Normalize(data.mean, data.std, device, recipe.data.channels_last)
     shape = data.input_shape
     memory_format = torch.channels_last if recipe.data.channels_last else torch.contiguous_format
@@ -184,7 +196,8 @@ def _run(recipe, out, recipe_name, export_format, resume, progress, procs, devic
     log(f"sparse training: {recipe.model.name}, {recipe.sparsity.method}/{recipe.sparsity.penalty}, "
         f"{recipe.train.epochs} epochs on {len(data.train)} {data.name} images")
     trained = _train_stage(model, data, recipe.train, recipe, sparsifier, normalize,
-                           out / "checkpoints" / "last.pt", resume, progress, "sparse", procs, device)
+                           out / "checkpoints" / "last.pt", resume, progress, "sparse", procs, device,
+                           _fingerprint(recipe.model_dump(mode="json", exclude={"prune", "finetune", "export", "bench"})))
     if procs.main:
         save_atomic(model.state_dict(), out / "dense.pt")
     scores = sparsifier.scores()
@@ -206,7 +219,7 @@ def _run(recipe, out, recipe_name, export_format, resume, progress, procs, devic
     if procs.main:
         plan.to_json(out / "pruned_plan.json")
     pruned = pruned.to(device, memory_format=memory_format)
-    no_ft_acc = evaluate(pruned, data.test, normalize, recipe.data.eval_batch_size, progress)
+    no_ft_acc = evaluate(pruned, data.test, normalize, recipe.data.eval_batch_size, progress and procs.main)
     log(f"pruned {plan.channels_total - plan.channels_kept} of {plan.channels_total} channels "
         f"in {prune_seconds:.1f} s; accuracy {trained.accuracy:.2f}% → {no_ft_acc:.2f}% before fine-tuning")
 
@@ -215,7 +228,8 @@ def _run(recipe, out, recipe_name, export_format, resume, progress, procs, devic
     if recipe.finetune.epochs > 0:
         finetuned = _train_stage(pruned, data, recipe.finetune, recipe, Sparsifier(pruned), normalize,
                                  out / "checkpoints" / "finetune_last.pt", resume, progress, "finetune",
-                                 procs, device)
+                                 procs, device,
+                                 _fingerprint(recipe.model_dump(mode="json", exclude={"export", "bench"}), asdict(plan)))
     pruned_acc = finetuned.accuracy if finetuned else no_ft_acc
     if not procs.main:
         return RunResult(out, {})

@@ -87,6 +87,8 @@ def group_scores(group: ChannelGroup, bn_scores: dict[str, torch.Tensor], reduce
     """One score per root channel, reduced over the coupled BNs that see it."""
     per_bn = torch.full((len(group.bns), group.channels), float("nan"), dtype=torch.float64)
     for row, slot in enumerate(group.bns):
+        if slot.name not in bn_scores:  # a BN left out of the regularisation gives no evidence
+            continue
         scores = bn_scores[slot.name].detach().double().cpu().abs()
         per_bn[row, slot.root_idxs] = scores[slot.bn_idxs]
     seen = ~per_bn.isnan()
@@ -101,14 +103,17 @@ def group_scores(group: ChannelGroup, bn_scores: dict[str, torch.Tensor], reduce
     return torch.where(seen.any(0), out, torch.full_like(out, float("inf")))
 
 
-def _round_kept(kept: int, channels: int, n: int | None) -> int:
-    """The multiple of n nearest to ``kept`` (at least n, at most all channels).
+def _round_kept(kept: int, channels: int, n: int | None, least: int) -> int:
+    """The multiple of n nearest to ``kept`` (halves up), not below ``least`` nor above all channels.
 
     A layer of at most n channels fills one SIMD block whatever its width, so it keeps them all.
     """
     if not n:
         return kept
-    return min(max(n, n * round(kept / n)), channels)
+    rounded = max(n, n * math.floor(kept / n + 0.5))
+    while rounded < least:
+        rounded += n
+    return min(rounded, channels)
 
 
 def make_plan(
@@ -146,10 +151,10 @@ def make_plan(
         # Decide per position within a conv group (all positions when the group has no grouped conv).
         g = group.ch_groups
         positions = group.channels // g
-        kept = positions - round(int(remove.sum()) / g)
-        kept = max(kept, min(math.ceil(cfg.min_channels / g), positions))
-        if round_to:
-            kept = _round_kept(kept, positions, round_to // math.gcd(round_to, g))
+        least = min(math.ceil(cfg.min_channels / g), positions)
+        kept = max(positions - round(int(remove.sum()) / g), least)
+        if round_to and kept < positions:  # a group the plan leaves whole stays whole
+            kept = _round_kept(kept, positions, round_to // math.gcd(round_to, g), least)
         # Keep the best positions; ties broken by index, so plans are deterministic.
         order = torch.argsort(-score.view(g, positions).amax(0), stable=True)
         drop = sorted(k * positions + int(j) for k in range(g) for j in order[kept:])

@@ -3,11 +3,11 @@ pruned model from its plan.
 
 BN-bias compensation: a channel whose γ is (near) zero still outputs a constant, its BN shift β
 (through the activation), and the next layers read it. Removing the channel drops that constant; we
-fold it into the bias of every conv/linear that read the channel, so the pruned model computes what
-the trained model with those γ set to zero computes. The folded value is the channel's mean input to
-the consumer, measured on a calibration batch; it is exact wherever the channel is constant over the
-feature map, that is everywhere except at zero-padded borders (and where a consumer reads a removed
-channel without a BN in between, as the 1×1 shortcut of a pre-activation ResNet does).
+add what it contributed to every conv/linear that read it (measured as the channel's mean input on a
+calibration batch): as a bias where the contribution is uniform, as a per-position BiasMap where zero
+padding makes it vary at the borders. The pruned model then computes what the trained model with
+those γ set to zero computes, exactly wherever every read of a removed channel passes a BN (not so
+where a consumer reads it raw, as the 1×1 shortcut of a pre-activation ResNet does).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 def _plan_groups(model: nn.Module, dg, plan: ChannelPlan):
-    """torch-pruning groups of the plan, all computed before any pruning (dense channel indices)."""
+    """torch-pruning groups of the plan (dense channel indices while nothing has been pruned yet)."""
     for group in plan.groups:
         if group.remove:
             root = model.get_submodule(group.root)
@@ -120,8 +120,7 @@ def _interior(contribution: torch.Tensor) -> torch.Tensor:
     """Per output channel, the value away from the borders (the centre position of a map)."""
     if contribution.dim() == 1:
         return contribution
-    flat = contribution.flatten(1)
-    return flat[:, flat.shape[1] // 2]
+    return contribution[(slice(None), *(size // 2 for size in contribution.shape[1:]))]
 
 
 def _is_uniform(contribution: torch.Tensor) -> bool:

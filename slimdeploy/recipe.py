@@ -225,6 +225,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"{path}: recipe file not found") from None
     except OSError as err:
         raise RecipeError(f"{path}: cannot read recipe ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text (UTF-8) file") from None
     try:
         tree = yaml.safe_load(text)
     except yaml.YAMLError as err:

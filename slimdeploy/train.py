@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -139,12 +140,14 @@ def train(
     desc: str = "train",
     rank: int = 0,
     world: int = 1,
+    fingerprint: str = "",
 ) -> TrainResult:
     """Train ``model`` (plain or DDP-wrapped) for ``cfg.epochs`` epochs.
 
     The full state goes to ``checkpoint`` at the end of every epoch and every ``cfg.checkpoint_steps``
     steps (rank 0 writes it); with ``resume`` training continues from it, mid-epoch included, and ends
-    with the weights an uninterrupted run would have.
+    with the weights an uninterrupted run would have. ``fingerprint`` names what the run depends on; a
+    checkpoint written under another one is refused.
     """
     inner = unwrap(model)
     optimizer = make_optimizer(inner, cfg)
@@ -158,13 +161,25 @@ def train(
     epoch, start_step, seconds, history = 0, 0, 0.0, []
     loss_sum, seen = torch.zeros((), dtype=torch.float64), 0
 
-    if resume and checkpoint and Path(checkpoint).is_file():
+    state = None
+    if resume and checkpoint and rank == 0 and Path(checkpoint).is_file():
         state = load_checkpoint(checkpoint)
-        inner.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sparsifier.load_state_dict(state["sparsifier"])
-        scaler.load_state_dict(state["scaler"])
+    if world > 1:  # rank 0's checkpoint, whether or not the other ranks see the same folder
+        box = [state]
+        dist.broadcast_object_list(box, src=0)
+        state = box[0]
+    if state is not None:
+        if state.get("fingerprint") != fingerprint:
+            raise CheckpointError(f"{checkpoint}: written by a different recipe or plan; "
+                                  f"use another --out, or run without --resume to start over")
+        try:
+            inner.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            sparsifier.load_state_dict(state["sparsifier"])
+            scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{checkpoint}: does not fit this model ({type(err).__name__})") from None
         _set_rng_state(state["rng"])
         epoch, start_step, seconds, history = state["epoch"], state["step"], state["seconds"], state["history"]
         loss_sum, seen = state["loss_sum"], state["seen"]
@@ -185,7 +200,7 @@ def train(
                     "seen": seen,
                     "seconds": seconds,
                     "history": history,
-                    "best_acc": max((h["test_acc"] for h in history), default=None),
+                    "fingerprint": fingerprint,
                 },
                 checkpoint,
             )
@@ -201,7 +216,11 @@ def train(
             labels = labels.to(normalize.device, non_blocking=True)
             with torch.autocast(device_type, dtype=torch.float16, enabled=use_amp):
                 loss = F.cross_entropy(model(normalize(images)), labels)
-            if not torch.isfinite(loss):
+            finite = torch.isfinite(loss.detach())
+            if world > 1:  # every rank stops together, none is left waiting in an allreduce
+                finite = finite.to(torch.uint8)
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not finite:
                 raise TrainingDiverged(
                     f"{desc}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
                     f"the last good checkpoint is kept ({checkpoint})"

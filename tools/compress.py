@@ -7,6 +7,7 @@ Exit codes: 0 success; 2 bad recipe or argument (one line on stderr naming the k
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -59,6 +60,11 @@ def main(argv=None) -> int:
         return 1
     except KeyboardInterrupt:
         print(f"interrupted; continue with --resume (run directory {out})", file=sys.stderr)
+        return 1
+    except Exception as err:  # one line for the user; SLIMDEPLOY_DEBUG=1 shows the traceback
+        if os.environ.get("SLIMDEPLOY_DEBUG"):
+            raise
+        print(f"error: {type(err).__name__}: {err} (SLIMDEPLOY_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
     r = result.report
     if not r:  # a torchrun rank other than 0: rank 0 reports
