@@ -211,3 +211,25 @@ def test_model_without_batchnorm_is_a_clear_error():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(2))
     with pytest.raises(GraphError, match="no BatchNorm"):
         build_graph(net, torch.randn(1, *SHAPE))
+
+
+def test_plan_with_unregularised_bns_and_rounding_bounds():
+    model = _trained_like("resnet20")
+    groups = channel_groups(model, build_graph(model, torch.randn(1, *SHAPE)))
+    scores = {n: m.weight.detach().abs() for n, m in model.named_modules()
+              if isinstance(m, torch.nn.BatchNorm2d) and n != "bn1"}  # as with sparsity.exclude: [bn1]
+    plan = make_plan(groups, scores, PruneCfg(how="percent", percent=0.9, min_channels=10, round_to=8),
+                     model_name="resnet20", num_classes=10, input_shape=SHAPE)
+    assert all(g.kept >= min(10, g.channels) for g in plan.groups)
+    untouched = make_plan(groups, scores, PruneCfg(how="zeros", round_to=8), model_name="resnet20",
+                          num_classes=10, input_shape=SHAPE)
+    assert untouched.channels_kept == untouched.channels_total  # no zero scores: nothing goes
+
+
+def test_interior_bias_is_the_centre_value():
+    from slimdeploy.prune import _interior
+
+    conv = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)
+    conv.weight.data.fill_(1.0)
+    contribution = conv(torch.full((1, 1, 8, 8), 2.0))[0].detach()
+    assert float(_interior(contribution)) == 18.0  # 9 taps × 2, away from the zero padding
