@@ -94,6 +94,7 @@ def _int8_stage(out: Path, data, normalize, recipe, progress) -> dict:
             "accuracy": _ort_accuracy(paths[name], data, normalize),
         }
     for s in recipe.bench.settings:
+        # FP32 timed again beside INT8, interleaved in one session set, so the two compare fairly.
         fp32 = [out / "dense.onnx", out / "pruned.onnx"]
         stats = ortbench.time_sessions(
             fp32 + [paths["dense"], paths["pruned"]], batch=s.batch, threads=_threads(s.threads),

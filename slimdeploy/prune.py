@@ -159,10 +159,8 @@ def apply_plan(
             _add_bias(layer, _interior(c))
         plan.biased = sorted(biased)
         plan.bias_maps = {name: list(m.shape) for name, m in sorted(maps.items())}
-    for group in plan.groups:
-        if group.remove:
-            root = model.get_submodule(group.root)
-            dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, group.remove).prune()
+    for group in _plan_groups(model, dg, plan):  # each group is formed just before it is pruned
+        group.prune()
     for name, bias_map in maps.items():
         model.set_submodule(name, BiasMap(model.get_submodule(name), bias_map))
     return model

@@ -112,19 +112,22 @@ class ProximalSparsifier(Sparsifier):
         torch._foreach_mul_(self.gammas, w)
         torch._foreach_add_(self.gammas, self.xi, alpha=1 - w)
         # ξ ← prox_{p_λ/(α+β)}(w·ξ + (1 − w)·γ)
-        target = torch.cat([x.reshape(-1) for x in self.xi]) * w + self.flat_gamma() * (1 - w)
+        target = self.flat_xi() * w + self.flat_gamma() * (1 - w)
         new_xi = self.penalty.prox(target, 1.0 / (alpha + beta))
         torch._foreach_copy_(self.xi, [x.view_as(old) for x, old in zip(new_xi.split(self.sizes), self.xi)])
+
+    def flat_xi(self) -> torch.Tensor:
+        return torch.cat([x.reshape(-1) for x in self.xi]) if self.xi else torch.zeros(0)
 
     def scores(self) -> dict[str, torch.Tensor]:
         return {name: xi.abs().clone() for name, xi in zip(self.bns, self.xi)}
 
     def penalty_value(self) -> float:
-        return float(self.penalty.value(torch.cat([x.reshape(-1) for x in self.xi]))) if self.xi else 0.0
+        return float(self.penalty.value(self.flat_xi())) if self.xi else 0.0
 
     def zero_summary(self) -> dict:
         """How many ξ are exactly zero, and how large the γ of those channels still are."""
-        xi = torch.cat([x.reshape(-1) for x in self.xi]) if self.xi else torch.zeros(0)
+        xi = self.flat_xi()
         gamma = self.flat_gamma()
         zero = xi == 0
         g = gamma[zero].abs()
