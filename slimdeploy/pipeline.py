@@ -65,10 +65,43 @@ def _train_stage(model, data, opt_cfg, recipe, sparsifier, normalize, ckpt, resu
     )
 
 
-def _export_and_verify(model, path, data: Dataset, normalize, cfg):
-    export.export_onnx(model, path, data.input_shape, opset=cfg.opset)
-    check = normalize(data.test.images[: cfg.check_batch]).cpu().contiguous()
-    return export.verify_onnx(model, path, check, tolerance=cfg.tolerance)
+def _cpu_batch(normalize, images) -> torch.Tensor:
+    return normalize(images).cpu().contiguous()
+
+
+@dataclass
+class PruneResult:
+    model: torch.nn.Module
+    plan: ChannelPlan
+    seconds: float
+    error_vs_zeroed_gamma: dict
+
+
+def prune_stage(dense, scores, recipe: Recipe, data: Dataset, normalize) -> PruneResult:
+    """Plan from the BN scores and remove the channels from a copy of ``dense`` (a CPU model)."""
+    tic = time.perf_counter()
+    pruned = copy.deepcopy(dense)
+    groups = channel_groups(pruned, build_graph(pruned, torch.randn(1, *data.input_shape)))
+    plan = make_plan(groups, scores, recipe.prune, model_name=recipe.model.name,
+                     num_classes=data.num_classes, input_shape=data.input_shape)
+    compensate = recipe.prune.compensate
+    calibration = _cpu_batch(normalize, data.train.images[: recipe.prune.calibration_images])
+    apply_plan(pruned, plan, None if compensate == "none" else calibration, exact=compensate == "exact")
+    seconds = time.perf_counter() - tic
+    error = _compensation_error(dense, pruned, plan, _cpu_batch(normalize, data.test.images[:64]))
+    return PruneResult(pruned, plan, seconds, error)
+
+
+def export_stage(dense, pruned, paths, data: Dataset, normalize, cfg) -> dict:
+    """Both models to ONNX, each checked in onnxruntime against PyTorch (raises on a mismatch)."""
+    check = _cpu_batch(normalize, data.test.images[: cfg.check_batch])
+    results = []
+    for model, path in zip((dense, pruned), paths):
+        export.export_onnx(model, path, data.input_shape, opset=cfg.opset)
+        results.append(export.verify_onnx(model, path, check, tolerance=cfg.tolerance))
+    d, p = results
+    return {"max_abs_diff": p.max_abs_diff, "max_abs_logit": p.max_abs_logit, "opset": p.opset,
+            "tolerance": cfg.tolerance, "dense_max_abs_diff": d.max_abs_diff, "dense_max_abs_logit": d.max_abs_logit}
 
 
 def _ort_accuracy(path, data: Dataset, normalize, batch: int = 256) -> float:
@@ -76,14 +109,14 @@ def _ort_accuracy(path, data: Dataset, normalize, batch: int = 256) -> float:
     name = sess.get_inputs()[0].name
     correct = 0
     for start in range(0, len(data.test), batch):
-        x = normalize(data.test.images[start : start + batch]).cpu().contiguous().numpy()
+        x = _cpu_batch(normalize, data.test.images[start : start + batch]).numpy()
         logits = sess.run(None, {name: x})[0]
         correct += int((logits.argmax(1) == data.test.labels[start : start + batch].numpy()).sum())
     return 100.0 * correct / len(data.test)
 
 
 def _int8_stage(out: Path, data, normalize, recipe, progress) -> dict:
-    calib = normalize(data.train.images[:256]).cpu().contiguous().numpy()
+    calib = _cpu_batch(normalize, data.train.images[:256]).numpy()
     result = {"calibration_images": len(calib), "format": "QDQ, per-channel weights", "latency": []}
     paths = {}
     for name in ("dense", "pruned"):
@@ -204,22 +237,14 @@ def _run(recipe, out, recipe_name, export_format, resume, progress, procs, devic
     scores = sparsifier.scores()
 
     # 2. plan and physical pruning, on a CPU copy (graph tracing and surgery are cheap there)
-    tic = time.perf_counter()
     dense_cpu = copy.deepcopy(model).cpu().eval()
-    pruned = copy.deepcopy(dense_cpu)
-    groups = channel_groups(pruned, build_graph(pruned, torch.randn(1, *shape)))
-    plan = make_plan(groups, scores, recipe.prune, model_name=recipe.model.name,
-                     num_classes=data.num_classes, input_shape=shape)
+    pruning = prune_stage(dense_cpu, scores, recipe, data, normalize)
+    plan, prune_seconds = pruning.plan, pruning.seconds
     if isinstance(sparsifier, ProximalSparsifier):
         plan.notes["proximal"] = sparsifier.zero_summary()
-    calibration = normalize(data.train.images[: recipe.prune.calibration_images]).cpu().contiguous()
-    compensate = recipe.prune.compensate
-    apply_plan(pruned, plan, None if compensate == "none" else calibration, exact=compensate == "exact")
-    prune_seconds = time.perf_counter() - tic
-    compensation = _compensation_error(dense_cpu, pruned, plan, normalize(data.test.images[:64]).cpu().contiguous())
     if procs.main:
         plan.to_json(out / "pruned_plan.json")
-    pruned = pruned.to(device, memory_format=memory_format)
+    pruned = pruning.model.to(device, memory_format=memory_format)
     no_ft_acc = evaluate(pruned, data.test, normalize, recipe.data.eval_batch_size, progress and procs.main)
     log(f"pruned {plan.channels_total - plan.channels_kept} of {plan.channels_total} channels "
         f"in {prune_seconds:.1f} s; accuracy {trained.accuracy:.2f}% → {no_ft_acc:.2f}% before fine-tuning")
@@ -240,13 +265,10 @@ def _run(recipe, out, recipe_name, export_format, resume, progress, procs, devic
     pruned_cpu = pruned.cpu().eval()
     onnx_paths, export_info, int8 = [], None, None
     if export_format:
-        checks = [_export_and_verify(m, out / f"{n}.onnx", data, normalize, recipe.export)
-                  for n, m in (("dense", dense_cpu), ("pruned", pruned_cpu))]
         onnx_paths = [out / "dense.onnx", out / "pruned.onnx"]
-        export_info = {"max_abs_diff": checks[1].max_abs_diff, "max_abs_logit": checks[1].max_abs_logit,
-                       "opset": checks[1].opset, "tolerance": recipe.export.tolerance,
-                       "dense_max_abs_diff": checks[0].max_abs_diff, "dense_max_abs_logit": checks[0].max_abs_logit}
-        log(f"ONNX verified: max |ORT - PyTorch| {checks[1].max_abs_diff:.3g} (max |logit| {checks[1].max_abs_logit:.3g})")
+        export_info = export_stage(dense_cpu, pruned_cpu, onnx_paths, data, normalize, recipe.export)
+        log(f"ONNX verified: max |ORT - PyTorch| {export_info['max_abs_diff']:.3g} "
+            f"(max |logit| {export_info['max_abs_logit']:.3g})")
 
     # 5. benchmark and report
     dense_sum = _model_summary(dense_cpu, shape, trained.accuracy, onnx_paths[0] if onnx_paths else None)
@@ -279,7 +301,7 @@ def _run(recipe, out, recipe_name, export_format, resume, progress, procs, devic
             "round_to": plan.round_to,
             "seconds": prune_seconds,
             "compensated": recipe.prune.compensate,
-            "error_vs_zeroed_gamma": compensation,
+            "error_vs_zeroed_gamma": pruning.error_vs_zeroed_gamma,
             "layers": [{"name": n, "before": before[n], "after": after[n]} for n in before],
             **({"proximal": plan.notes["proximal"]} if "proximal" in plan.notes else {}),
         },
