@@ -52,7 +52,9 @@ def recipe(model, dataset, sparsity, prune, finetune_epochs):
 
 # CPU budget (≤ 20 min a run on 2 cores): ResNet-20 on CIFAR-10, 4 + 2 epochs with a one-cycle schedule.
 # λ is far above the papers' (their 160 epochs have 40× the steps to act): chosen so γ can fall from
-# 0.5 to about 0 within the budget (subgradient: Σ lr·λ ≈ 0.4; proximal: Σ λ/(1/lr + β) ≈ 0.5).
+# 0.5 to about 0 within the budget (subgradient: Σ lr·λ ≈ 0.4; proximal: Σ λ/(1/lr + β) ≈ 1).
+# Proximal λ measured on real CIFAR-10: 0.05 left 1 of 784 ξ at zero, 0.2 zeroed 654 but cost 24 points
+# of accuracy before pruning; 0.1 lies between.
 CPU_OUT = OUT.parent / "cpu"
 CPU_PENALTIES = {
     "dense": {"method": "none"},
@@ -62,8 +64,8 @@ CPU_PENALTIES = {
     "tl1": {"method": "subgradient", "penalty": "tl1", "a": 1.0, "lam": 5e-3},
     "mcp": {"method": "subgradient", "penalty": "mcp", "a": 3.0, "lam": 5e-3},
     "scad": {"method": "subgradient", "penalty": "scad", "a": 3.7, "lam": 5e-3},
-    "proximal_l1": {"method": "proximal", "penalty": "l1", "lam": 0.05, "beta": 100.0},
-    "proximal_tl1": {"method": "proximal", "penalty": "tl1", "a": 1.0, "lam": 0.05, "beta": 100.0},
+    "proximal_l1": {"method": "proximal", "penalty": "l1", "lam": 0.1, "beta": 100.0},
+    "proximal_tl1": {"method": "proximal", "penalty": "tl1", "a": 1.0, "lam": 0.1, "beta": 100.0},
 }
 
 
