@@ -73,6 +73,7 @@ def export_onnx(model: nn.Module, path, input_shape: tuple[int, int, int], opset
     ``dynamic_shapes`` with a non-1 example batch.  The TorchScript path honours the
     requested opset, folds eval-mode BN into the convolutions, and handles residual adds,
     concatenations and ``dynamic_axes`` exactly; only its deprecation notice is silenced.
+    Weights below 1.1e-19 are then set to zero (see `flush_negligible`).
     """
     path = Path(path)
     cpu_model = _on_cpu(model)
@@ -91,8 +92,36 @@ def export_onnx(model: nn.Module, path, input_shape: tuple[int, int, int], opset
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             do_constant_folding=True,
         )
+        proto = onnx.load(str(tmp))
+        if flush_negligible(proto):
+            onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
     return path
+
+
+# Below √(smallest normal float32): the product of two such numbers is subnormal.
+NEGLIGIBLE = float(np.sqrt(np.finfo(np.float32).tiny))  # ≈ 1.1e-19
+
+
+def flush_negligible(proto: onnx.ModelProto, below: float = NEGLIGIBLE) -> int:
+    """Set float32 initializers with 0 < |w| < `below` to zero in place; return how many.
+
+    Sparse training drives pruned-away γ geometrically towards zero, so folding BN into the
+    convolutions leaves whole filters of weights around 1e-20…1e-45.  They change no output
+    visibly, but their products are subnormal and x86 CPUs compute on subnormals in microcode:
+    a proximal-NS ResNet-20 ran 48× slower in onnxruntime (58 ms vs 1.2 ms at batch 1) until
+    they were set to zero, with bit-identical logits.
+    """
+    flushed = 0
+    for init in proto.graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        array = onnx.numpy_helper.to_array(init)
+        negligible = (array != 0) & (np.abs(array) < below)
+        if negligible.any():
+            flushed += int(negligible.sum())
+            init.CopyFrom(onnx.numpy_helper.from_array(np.where(negligible, np.float32(0), array), init.name))
+    return flushed
 
 
 def _opset_of(path: Path) -> int:

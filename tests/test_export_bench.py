@@ -15,7 +15,7 @@ from torch import nn
 from slimdeploy.bench import (
     count_flop_counter_macs, count_macs, count_params, file_size, peak_rss_mb, torch_latency,
 )
-from slimdeploy.export import ExportMismatchError, export_onnx, quantize_int8, verify_onnx
+from slimdeploy.export import NEGLIGIBLE, ExportMismatchError, export_onnx, quantize_int8, verify_onnx
 from slimdeploy.ortbench import input_shape_for, make_session, time_sessions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +85,21 @@ def test_io_names_and_dynamic_batch(exported):
             np.testing.assert_allclose(y, net(x).numpy(), rtol=1e-4, atol=1e-5)
     net.train()
     assert input_shape_for(sess, 7) == (7, *SHAPE)
+
+
+def test_negligible_weights_are_zeroed(tmp_path):
+    # γ driven to ~0 by sparse training folds into filters of subnormal-scale weights.
+    net = make_net()
+    bn = net.stem[1]
+    bn.weight.data[:3] = torch.tensor([1e-30, 1e-40, -1e-25])
+    bn.bias.data[:3] = torch.tensor([1e-33, 0.0, 0.1])
+    path = export_onnx(net, tmp_path / "tiny.onnx", SHAPE)
+    weights = [numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer]
+    floats = np.concatenate([w.ravel() for w in weights if w.dtype == np.float32])
+    assert not ((floats != 0) & (np.abs(floats) < NEGLIGIBLE)).any()
+    assert (floats == 0).sum() >= 3 * 3 * 3 * 3  # the three filters fed by those γ, at least
+    check = verify_onnx(net, path, torch.randn(8, *SHAPE))
+    assert check.max_abs_diff <= 1e-5 * check.max_abs_logit
 
 
 def test_model_changed_after_export_is_caught(exported, tmp_path):
