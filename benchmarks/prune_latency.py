@@ -2,6 +2,19 @@
 """Does the MACs cut of pruning turn into ONNX Runtime latency? Aligned vs unaligned widths.
 
 Prunes ResNet-56 (by default) by a global percent plan to at least 2× fewer MACs (the smallest
+percent that gets there), once per width alignment (--round-to: free widths, and multiples of the
+SIMD block, 16 with AVX-512), exports dense and pruned to ONNX and times them interleaved in
+onnxruntime at batch 1 / 1 thread and batch 64 / all cores. Prints, per setting, the latency speedup
+over dense and its ratio to the MACs cut (1.0 = the MACs saving fully realised); --profile adds each
+block's share of kernel time, which shows where the saving is lost. Channel scores come from a
+run's dense.pt (--run DIR), or without one from a seeded random γ spread. Also times building the
+dependency graph and pruning ResNet-164.
+
+    tools/venv python tools/compress.py benchmarks/resnet56_sparse.yaml --out runs/resnet56_sparse
+    tools/venv python benchmarks/prune_latency.py --run runs/resnet56_sparse [--profile] [--iters 100]
+"""Does the MACs cut of pruning turn into ONNX Runtime latency? Aligned vs unaligned widths.
+
+Prunes ResNet-56 (by default) by a global percent plan to at least 2× fewer MACs (the smallest
 percent that gets there), once with free widths and once with widths rounded to the SIMD block (round_to auto: 16 with AVX-512), exports dense
 and pruned to ONNX and times them interleaved in onnxruntime at batch 1 / 1 thread and batch 64 /
 all cores. Prints, per setting, the latency speedup over dense and its ratio to the MACs cut
@@ -13,13 +26,17 @@ the dependency graph and pruning ResNet-164.
 """
 
 import argparse
+import collections
 import copy
+import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -49,13 +66,34 @@ def dense_model(name, run):
     return model.eval()
 
 
-def pruned_model(dense, name, percent, round_to):
+def pruned_model(dense, name, percent, round_to, score_reduce="max"):
     model = copy.deepcopy(dense)
     groups = channel_groups(model, build_graph(model, torch.randn(1, *SHAPE)))
     scores = {n: m.weight.detach().abs() for n, m in model.named_modules() if isinstance(m, BN_TYPES)}
-    plan = make_plan(groups, scores, PruneCfg(how="percent", percent=percent, round_to=round_to),
-                     model_name=name, num_classes=10, input_shape=SHAPE)
+    cfg = PruneCfg(how="percent", percent=percent, round_to=round_to, score_reduce=score_reduce)
+    plan = make_plan(groups, scores, cfg, model_name=name, num_classes=10, input_shape=SHAPE)
     return apply_plan(model, plan)
+
+
+def kernel_time_by_block(path, batch, threads, runs=20) -> dict[str, float]:
+    """Share of onnxruntime kernel time per top-level module (node names like /layer1/layer1.0/conv1/Conv)."""
+    opts = ortbench._session_options(threads)
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(Path(path).with_suffix(""))
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((batch, *SHAPE), dtype=np.float32)
+    for _ in range(runs):
+        session.run(None, {"input": x})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    times = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            name = e["name"].removesuffix("_kernel_time")
+            # nodes the optimizer adds (layout reorders) carry no module path: name them by op
+            block = name.split("/")[1].split(".")[0] if name.startswith("/") and "/" in name[1:] else e["args"]["op_name"]
+            times[block] += e["dur"]
+    total = sum(times.values())
+    return {block: t / total for block, t in sorted(times.items())} | {"total_ms": total / runs / 1e3}
 
 
 def main():
@@ -66,26 +104,37 @@ def main():
     ap.add_argument("--target", type=float, default=2.0, help="MACs cut to reach")
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--profile", action="store_true",
+                    help="also print each top-level block's share of ORT kernel time, dense and pruned")
+    ap.add_argument("--round-to", nargs="+", default=["none", "auto"],
+                    help="width alignments to compare: none, auto or a number")
+    ap.add_argument("--score-reduce", nargs="+", default=["max"], choices=["max", "mean", "sum"],
+                    help="how coupled BNs' scores combine (one variant per value)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
 
     dense = dense_model(args.model, args.run)
     dense_macs = count_macs(dense, SHAPE)
-    variants = {"unaligned": None, f"aligned (round_to {simd_block()})": "auto"}
+    variants = {}
+    for reduce in args.score_reduce:
+        for r in args.round_to:
+            round_to = None if r == "none" else r if r == "auto" else int(r)
+            label = "unaligned" if round_to is None else f"round_to {simd_block() if r == 'auto' else r}"
+            variants[label if len(args.score_reduce) == 1 else f"{label}, {reduce}"] = (round_to, reduce)
     with tempfile.TemporaryDirectory() as tmp:
         paths = [export_onnx(dense, Path(tmp) / "dense.onnx", SHAPE)]
         cuts = {}
         print(f"{args.model}, scores from {args.run or 'random γ'}; dense {dense_macs / 1e6:.1f} M MACs (thop); "
               f"smallest percent (step 0.05) reaching a {args.target}× MACs cut:")
-        for label, round_to in variants.items():
+        for label, (round_to, reduce) in variants.items():
             percent = args.percent
             while True:
-                model = pruned_model(dense, args.model, percent, round_to)
+                model = pruned_model(dense, args.model, percent, round_to, reduce)
                 cuts[label] = dense_macs / count_macs(model, SHAPE)
                 if cuts[label] >= args.target or percent >= 0.9:
                     break
                 percent = round(percent + 0.05, 2)
-            paths.append(export_onnx(model, Path(tmp) / f"{round_to}.onnx", SHAPE))
+            paths.append(export_onnx(model, Path(tmp) / f"variant{len(paths)}.onnx", SHAPE))
             print(f"  {label:<22} percent {percent:.2f}: MACs cut {cuts[label]:.2f}×")
         print(f"{'setting':<22}{'variant':<24}{'dense p50 ms':>13}{'pruned p50 ms':>15}{'speedup':>9}{'÷ MACs cut':>12}")
         for batch, threads in ((1, 1), (64, os.cpu_count())):
@@ -94,6 +143,12 @@ def main():
                 speedup = stats[0].p50 / s.p50
                 print(f"{f'batch {batch}, {threads} thr':<22}{label:<24}{stats[0].p50:>13.3f}{s.p50:>15.3f}"
                       f"{speedup:>8.2f}×{speedup / cut:>12.2f}")
+            if args.profile:
+                for label, path in zip(["dense", *cuts], paths):
+                    shares = kernel_time_by_block(path, batch, threads)
+                    total = shares.pop("total_ms")
+                    print(f"    kernel time {total:8.2f} ms, {label:<22}"
+                          + "  ".join(f"{b} {100 * v:.0f}%" for b, v in shares.items() if v >= 0.02))
 
     big = dense_model("resnet164", None)
     t0 = time.perf_counter()

@@ -70,6 +70,16 @@ def test_quickstart_end_to_end(tmp_path):
     assert (tmp_path / "cmp" / "accuracy_vs_macs.png").is_file()
     assert len((tmp_path / "cmp" / "t.md").read_text().splitlines()) == 4  # header, rule, two runs
 
+    # a document's marked block is regenerated from report .json files; the prose around it stays
+    doc = tmp_path / "results.md"
+    doc.write_text("intro\n<!-- compare:begin -->\nstale\n<!-- compare:end -->\noutro\n")
+    cmp = subprocess.run([sys.executable, str(ROOT / "tools" / "compare.py"), str(out / "report.json"),
+                          "--out", str(tmp_path / "cmp"), "--md", str(doc)], capture_output=True, text=True, timeout=120)
+    assert cmp.returncode == 0, cmp.stderr
+    lines = doc.read_text().splitlines()
+    assert lines[0] == "intro" and lines[-1] == "outro" and "stale" not in lines
+    assert lines[4].startswith("| report | subgradient L1, λ=")
+
 
 def test_int8_export_reports_accuracy_and_latency(tmp_path):
     out = tmp_path / "run8"

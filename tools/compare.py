@@ -1,13 +1,21 @@
 #!/usr/bin/env python
 """Several runs in one table, and accuracy-vs-MACs and accuracy-vs-latency plots.
 
-    python tools/compare.py RUN_DIR [RUN_DIR ...] [--out DIR] [--md table.md]
+    python tools/compare.py RUN [RUN ...] [--out DIR] [--md FILE]
+
+A RUN is a run directory holding report.json, or a report .json file itself. If FILE already
+holds the markers below, only the text between them is replaced, so a hand-written document
+(docs/results.md) can carry a table that is always regenerated from the reports:
+
+    <!-- compare:begin -->
+    <!-- compare:end -->
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,59 +24,97 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 
-def load_reports(dirs: list[str]) -> list[dict]:
+
+def load_reports(paths: list[str]) -> list[dict]:
     reports = []
-    for d in dirs:
-        path = Path(d) / "report.json"
+    for p in map(Path, paths):
+        path = p if p.suffix == ".json" else p / "report.json"
         try:
             report = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             raise SystemExit(f"error: {path}: cannot read a report ({type(err).__name__})")
-        report["run"] = str(d)
+        missing = [k for k in ("dense", "pruned", "pruning", "sparsity", "latency") if k not in report]
+        if missing:
+            raise SystemExit(f"error: {path}: not a slimdeploy report (no {', '.join(missing)})")
+        report["run"] = p.stem if p.suffix == ".json" else p.name
         reports.append(report)
     return reports
 
 
-def _label(r: dict) -> str:
+def _sparsity(r: dict) -> str:
     s = r["sparsity"]
-    return f"{r['model']} {s['method']}/{s['penalty']}" if s["method"] != "none" else f"{r['model']} dense"
+    if s["method"] == "none":
+        return "none"
+    name = f"Lp (p={s['p']:g})" if s["penalty"] == "lp" else s["penalty"].upper()
+    if s.get("a") is not None and s["penalty"] in ("tl1", "mcp", "scad"):
+        name += f" (a={s['a']:g})"
+    extra = f", β={s['beta']:g}" if s["method"] == "proximal" else ""
+    return f"{s['method']} {name}, λ={s['lam']:g}{extra}"
 
 
-def _latency(side: dict) -> float | None:
-    return side["latency_ms"]["p50"] if side.get("latency_ms") else None
+def _ort_settings(reports: list[dict]) -> list[tuple[int, int]]:
+    settings = []
+    for r in reports:
+        for row in r["latency"]:
+            key = (row["batch"], row["threads"])
+            if row["backend"] == "onnxruntime" and key not in settings:
+                settings.append(key)
+    return settings
+
+
+def _speedup(r: dict, setting: tuple[int, int]) -> str:
+    for row in r["latency"]:
+        if row["backend"] == "onnxruntime" and (row["batch"], row["threads"]) == setting:
+            return f"{row['dense']['p50'] / row['pruned']['p50']:.2f}×"
+    return "–"
+
+
+def _removed(before: float, after: float) -> str:
+    return f"{100 * (1 - after / before):.0f} %"
 
 
 def table(reports: list[dict]) -> str:
-    head = ("| run | model | sparsity | λ | acc. sparse (%) | acc. pruned, no FT (%) | acc. final (%) "
-            "| channels kept | params kept | MACs kept | ORT p50 speedup |")
+    settings = _ort_settings(reports)
+    head = ("| run | sparsity | acc. sparse-trained (%) | acc. pruned, no FT (%) | acc. fine-tuned (%) "
+            "| channels removed | params removed | MACs removed (cut) "
+            + "".join(f"| ORT speedup b{b}/{t}thr " for b, t in settings) + "|")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in reports:
         d, p, pr = r["dense"], r["pruned"], r["pruning"]
-        speed = f"{_latency(d) / _latency(p):.2f}×" if _latency(d) and _latency(p) else "–"
         lines.append(
-            f"| {Path(r['run']).name} | {r['model']} | {r['sparsity']['method']}/{r['sparsity']['penalty']} "
-            f"| {r['sparsity']['lam']:g} | {d['accuracy']:.2f} | {r['pruned_no_finetune_accuracy']:.2f} "
-            f"| {p['accuracy']:.2f} | {pr['channels_kept']}/{pr['channels_total']} "
-            f"| {100 * p['params'] / d['params']:.1f} % | {100 * p['macs'] / d['macs']:.1f} % | {speed} |"
+            f"| {r['run']} | {_sparsity(r)} | {d['accuracy']:.2f} | {r['pruned_no_finetune_accuracy']:.2f} "
+            f"| {p['accuracy']:.2f} | {_removed(pr['channels_total'], pr['channels_kept'])} "
+            f"| {_removed(d['params'], p['params'])} "
+            f"| {_removed(d['macs'], p['macs'])} ({d['macs'] / p['macs']:.2f}×) "
+            + "".join(f"| {_speedup(r, s)} " for s in settings) + "|"
         )
     return "\n".join(lines) + "\n"
 
 
+def _first_ort_p50(r: dict, side: str) -> float | None:
+    rows = [row for row in r["latency"] if row["backend"] == "onnxruntime"]
+    return rows[0][side]["p50"] if rows else None
+
+
 def plot(reports: list[dict], out: Path) -> list[Path]:
+    """Dense (×), pruned without fine-tuning (○) and fine-tuned (●) per run, joined by a line."""
     written = []
     for key, xlabel, fname in (("macs", "MACs (millions, thop)", "accuracy_vs_macs.png"),
                                ("latency", "ORT p50 latency (ms, first bench setting)", "accuracy_vs_latency.png")):
-        fig, ax = plt.subplots(figsize=(6.5, 4))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
         points = 0
         for r in reports:
             xs = [r["dense"]["macs"] / 1e6, r["pruned"]["macs"] / 1e6] if key == "macs" else \
-                 [_latency(r["dense"]), _latency(r["pruned"])]
+                 [_first_ort_p50(r, "dense"), _first_ort_p50(r, "pruned")]
             if None in xs:
                 continue
             ys = [r["dense"]["accuracy"], r["pruned"]["accuracy"]]
             ax.plot(xs, ys, "-", color="lightgray", zorder=1)
-            ax.scatter(xs[1:], ys[1:], zorder=2, label=_label(r))
+            dot = ax.scatter(xs[1:], ys[1:], zorder=3, label=f"{r['run']}: {_sparsity(r)}")
+            ax.scatter(xs[1:], [r["pruned_no_finetune_accuracy"]], zorder=2, facecolors="none",
+                       edgecolors=dot.get_facecolor())
             ax.scatter(xs[:1], ys[:1], marker="x", color="gray", zorder=2)
             points += 1
         if not points:
@@ -76,8 +122,8 @@ def plot(reports: list[dict], out: Path) -> list[Path]:
             continue
         ax.set_xlabel(xlabel)
         ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_title("pruned (dots) vs dense (×)")
-        ax.legend(fontsize=7)
+        ax.set_title("dense (×), pruned before (○) and after (●) fine-tuning")
+        ax.legend(fontsize=6, loc="best")
         fig.tight_layout()
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
@@ -85,11 +131,20 @@ def plot(reports: list[dict], out: Path) -> list[Path]:
     return written
 
 
+def write_markdown(path: Path, text: str) -> None:
+    """Replace the marked block of an existing document, or write the table alone."""
+    doc = path.read_text() if path.is_file() else ""
+    if BEGIN in doc and END in doc:
+        block = f"{BEGIN}\n{text}{END}"
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, doc, count=1, flags=re.S)
+    path.write_text(text)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", help="run directories holding report.json")
+    ap.add_argument("runs", nargs="+", help="run directories holding report.json, or report .json files")
     ap.add_argument("--out", default=".", help="folder for the plots")
-    ap.add_argument("--md", help="also write the table to this Markdown file")
+    ap.add_argument("--md", help="write the table to this Markdown file (between its markers, if it has them)")
     args = ap.parse_args(argv)
     reports = load_reports(args.runs)
     text = table(reports)
@@ -99,7 +154,7 @@ def main(argv=None) -> int:
     for path in plot(reports, out):
         print(f"wrote {path}")
     if args.md:
-        Path(args.md).write_text(text)
+        write_markdown(Path(args.md), text)
     return 0
 
 
