@@ -12,17 +12,6 @@ dependency graph and pruning ResNet-164.
 
     tools/venv python tools/compress.py benchmarks/resnet56_sparse.yaml --out runs/resnet56_sparse
     tools/venv python benchmarks/prune_latency.py --run runs/resnet56_sparse [--profile] [--iters 100]
-"""Does the MACs cut of pruning turn into ONNX Runtime latency? Aligned vs unaligned widths.
-
-Prunes ResNet-56 (by default) by a global percent plan to at least 2× fewer MACs (the smallest
-percent that gets there), once with free widths and once with widths rounded to the SIMD block (round_to auto: 16 with AVX-512), exports dense
-and pruned to ONNX and times them interleaved in onnxruntime at batch 1 / 1 thread and batch 64 /
-all cores. Prints, per setting, the latency speedup over dense and its ratio to the MACs cut
-(1.0 = the MACs saving fully realised). Channel scores come from a run's dense.pt (--run DIR) or,
-without one, from a seeded random γ spread that mimics a sparse-trained network. Also times building
-the dependency graph and pruning ResNet-164.
-
-    tools/venv python benchmarks/prune_latency.py [--run runs/X] [--target 2.0] [--iters 100]
 """
 
 import argparse
