@@ -173,8 +173,8 @@ def _benchmark(dense, pruned, shape, onnx_paths, recipe, progress) -> list[dict]
                 onnx_paths, batch=s.batch, threads=threads,
                 warmup=recipe.bench.warmup, iters=recipe.bench.iters, progress=progress,
             )
-            rows.append({"backend": "onnxruntime", "batch": s.batch, "threads": threads,
-                         "session": ortbench.session_options_dict(threads),
+            session = ortbench.session_options_dict(threads, spinning=ortbench.spinning_for(len(onnx_paths)))
+            rows.append({"backend": "onnxruntime", "batch": s.batch, "threads": threads, "session": session,
                          "dense": stats[0].to_dict(), "pruned": stats[1].to_dict()})
         if recipe.bench.torch:
             stats = bench.torch_latency([dense, pruned], shape, batch=s.batch, threads=threads,

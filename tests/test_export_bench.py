@@ -16,7 +16,7 @@ from slimdeploy.bench import (
     count_flop_counter_macs, count_macs, count_params, file_size, peak_rss_mb, torch_latency,
 )
 from slimdeploy.export import NEGLIGIBLE, ExportMismatchError, export_onnx, quantize_int8, verify_onnx
-from slimdeploy.ortbench import input_shape_for, make_session, time_sessions
+from slimdeploy.ortbench import input_shape_for, make_session, spinning_for, time_sessions
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (3, 16, 16)
@@ -148,6 +148,14 @@ def test_time_sessions_sane(exported):
     assert make_session(path, 1).get_session_options().intra_op_num_threads == 1
 
 
+def test_interleaved_sessions_do_not_spin(exported):
+    # spinning pool threads of idle sessions would steal the cores of the one being timed
+    _, path = exported
+    spin_key = "session.intra_op.allow_spinning"
+    assert make_session(path, 2, spinning=False).get_session_options().get_session_config_entry(spin_key) == "0"
+    assert spinning_for(1) and not spinning_for(2)
+
+
 def test_cli_runs_without_torch(exported, tmp_path):
     _, path = exported
     small = export_onnx(make_net(width=4), tmp_path / "small.onnx", SHAPE)
@@ -207,3 +215,12 @@ def test_torch_latency_and_rss(exported):
     assert all(0 < s.p50 <= s.p90 <= s.p99 for s in stats)
     assert net.training
     assert peak_rss_mb(path) > 1.0
+
+
+def test_prune_latency_benchmark_runs():
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prune_latency.py"), "--model", "resnet20",
+                          "--iters", "2", "--warmup", "0", "--profile"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("batch ")]
+    assert len(rows) == 4 and all(line.split()[-2].endswith("×") for line in rows)  # 2 settings × 2 variants
+    assert "kernel time" in res.stdout and "resnet164: dependency graph" in res.stdout

@@ -98,4 +98,5 @@ def test_int8_export_reports_accuracy_and_latency(tmp_path):
         assert 0 <= q[side]["accuracy"] <= 100
         assert q[side]["onnx_bytes"] < (out / f"{side}.onnx").stat().st_size
     assert q["latency"][0]["pruned"]["p50"] > 0
+    assert q["latency"][0]["session"]["intra_op_spinning"] is False  # dense and pruned timed interleaved
     assert "INT8" in (out / "report.md").read_text()
