@@ -54,21 +54,18 @@ def _sparsity(r: dict) -> str:
     return f"{s['method']} {name}, λ={s['lam']:g}{extra}"
 
 
+def _ort_rows(r: dict) -> dict[tuple[int, int], dict]:
+    """The report's onnxruntime latency rows by (batch, threads)."""
+    return {(row["batch"], row["threads"]): row for row in r["latency"] if row["backend"] == "onnxruntime"}
+
+
 def _ort_settings(reports: list[dict]) -> list[tuple[int, int]]:
-    settings = []
-    for r in reports:
-        for row in r["latency"]:
-            key = (row["batch"], row["threads"])
-            if row["backend"] == "onnxruntime" and key not in settings:
-                settings.append(key)
-    return settings
+    return list(dict.fromkeys(key for r in reports for key in _ort_rows(r)))
 
 
 def _speedup(r: dict, setting: tuple[int, int]) -> str:
-    for row in r["latency"]:
-        if row["backend"] == "onnxruntime" and (row["batch"], row["threads"]) == setting:
-            return f"{row['dense']['p50'] / row['pruned']['p50']:.2f}×"
-    return "–"
+    row = _ort_rows(r).get(setting)
+    return f"{row['dense']['p50'] / row['pruned']['p50']:.2f}×" if row else "–"
 
 
 def _removed(before: float, after: float) -> str:
@@ -94,7 +91,7 @@ def table(reports: list[dict]) -> str:
 
 
 def _first_ort_p50(r: dict, side: str) -> float | None:
-    rows = [row for row in r["latency"] if row["backend"] == "onnxruntime"]
+    rows = list(_ort_rows(r).values())
     return rows[0][side]["p50"] if rows else None
 
 
