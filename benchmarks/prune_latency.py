@@ -37,7 +37,6 @@ from slimdeploy.graph import build_graph, channel_groups  # noqa: E402
 from slimdeploy.models import build_model  # noqa: E402
 from slimdeploy.plan import make_plan, simd_block  # noqa: E402
 from slimdeploy.prune import apply_plan  # noqa: E402
-from slimdeploy.recipe import PruneCfg  # noqa: E402
 from slimdeploy.sparsity import BN_TYPES  # noqa: E402
 
 SHAPE = (3, 32, 32)
@@ -59,8 +58,8 @@ def pruned_model(dense, name, percent, round_to, score_reduce="max"):
     model = copy.deepcopy(dense)
     groups = channel_groups(model, build_graph(model, torch.randn(1, *SHAPE)))
     scores = {n: m.weight.detach().abs() for n, m in model.named_modules() if isinstance(m, BN_TYPES)}
-    cfg = PruneCfg(how="percent", percent=percent, round_to=round_to, score_reduce=score_reduce)
-    plan = make_plan(groups, scores, cfg, model_name=name, num_classes=10, input_shape=SHAPE)
+    plan = make_plan(groups, scores, how="percent", amount=percent, round_to=round_to, score_reduce=score_reduce,
+                     model_name=name, num_classes=10, input_shape=SHAPE)
     return apply_plan(model, plan)
 
 

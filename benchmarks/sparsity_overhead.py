@@ -21,7 +21,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slimdeploy.models import build_model  # noqa: E402
-from slimdeploy.recipe import SparsityCfg  # noqa: E402
 from slimdeploy.sparsity import make_sparsifier  # noqa: E402
 
 VARIANTS = {
@@ -50,7 +49,7 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args.model, 10, bn_init=0.5).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    sparsifiers = {name: make_sparsifier(model, SparsityCfg(**cfg)) for name, cfg in VARIANTS.items()}
+    sparsifiers = {name: make_sparsifier(model, **cfg) for name, cfg in VARIANTS.items()}
     x = torch.randn(args.batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

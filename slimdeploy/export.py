@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import json
 import os
+import platform
+import re
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -14,12 +19,21 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import (
+    CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, create_calibrator, quantize_static,
+    save_tensors_data,
+)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
+from slimdeploy.errors import SlimdeployError
 
-class ExportMismatchError(RuntimeError):
+
+class ExportError(SlimdeployError, RuntimeError):
+    """The model cannot be exported to ONNX or run in ONNX Runtime; the message is one line."""
+
+
+class ExportMismatchError(ExportError):
     """ONNX Runtime output differs from the PyTorch model beyond tolerance."""
 
 
@@ -74,6 +88,9 @@ def export_onnx(model: nn.Module, path, input_shape: tuple[int, int, int], opset
     requested opset, folds eval-mode BN into the convolutions, and handles residual adds,
     concatenations and ``dynamic_axes`` exactly; only its deprecation notice is silenced.
     Weights below 1.1e-19 are then set to zero (see `flush_negligible`).
+
+    A model the exporter cannot handle raises `ExportError` with the exporter's first line; the
+    graph dump it prints on failure is dropped.
     """
     path = Path(path)
     cpu_model = _on_cpu(model)
@@ -81,22 +98,68 @@ def export_onnx(model: nn.Module, path, input_shape: tuple[int, int, int], opset
     with eval_mode(cpu_model), _atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
         warnings.filterwarnings("ignore", message=r".*TorchScript-based ONNX export.*")
-        torch.onnx.export(
-            cpu_model,
-            (example,),
-            str(tmp),
-            dynamo=False,
-            opset_version=opset,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            do_constant_folding=True,
-        )
-        proto = onnx.load(str(tmp))
-        if flush_negligible(proto):
-            onnx.save(proto, str(tmp))
-        onnx.checker.check_model(str(tmp), full_check=True)
+        try:
+            with _output_dropped_on_failure():
+                torch.onnx.export(
+                    cpu_model,
+                    (example,),
+                    str(tmp),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=["input"],
+                    output_names=["logits"],
+                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                    do_constant_folding=True,
+                )
+                proto = onnx.load(str(tmp))
+                if flush_negligible(proto):
+                    onnx.save(proto, str(tmp))
+                onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as err:
+            shape = "x".join(str(n) for n in input_shape)
+            raise ExportError(f"{type(model).__name__} (input {shape}) -> {path.name}: ONNX export failed: "
+                              f"{first_line(err)}") from err
     return path
+
+
+def first_line(err: Exception) -> str:
+    """An exception as one line: its type and first line, without the exporter's request for a pull
+    request and the graph context it appends."""
+    line = next((text.strip() for text in str(err).splitlines() if text.strip()), "")
+    line = re.sub(r"\s*(Please feel free to request support|\[Caused by).*", "", line)
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
+@contextlib.contextmanager
+def _output_dropped_on_failure():
+    """Capture stdout and stderr down to their file descriptors, where the exporter's C++ log writes
+    (on failure, a dump of the whole graph): pass the text on if the block succeeds, drop it if the
+    block raises."""
+    with _fd_dropped_on_failure(1, sys.stdout), _fd_dropped_on_failure(2, sys.stderr):
+        yield
+
+
+def _flush_c_stdio() -> None:
+    if os.name == "posix":
+        ctypes.CDLL(None).fflush(None)  # C++ streams write through C's stdio buffers
+
+
+@contextlib.contextmanager
+def _fd_dropped_on_failure(fd: int, stream):
+    stream.flush()
+    _flush_c_stdio()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), fd)
+        try:
+            yield
+        finally:
+            stream.flush()
+            _flush_c_stdio()
+            os.dup2(saved, fd)
+            os.close(saved)
+        captured.seek(0)  # reached only when the block succeeded
+        stream.write(captured.read().decode(errors="replace"))
 
 
 # Below √(smallest normal float32): the product of two such numbers is subnormal.
@@ -138,14 +201,18 @@ def _cpu_session(path) -> ort.InferenceSession:
 def verify_onnx(model: nn.Module, path, inputs: torch.Tensor, tolerance: float = 1e-4) -> ExportCheck:
     """Compare ONNX Runtime (CPU) against the PyTorch model on one batch.
 
-    Raises ExportMismatchError if max|ORT - PyTorch| > tolerance * max|logit|.
+    Raises ExportError if ONNX Runtime cannot run the file, ExportMismatchError if
+    max|ORT - PyTorch| > tolerance * max|logit|.
     """
     path = Path(path)
     cpu_model = _on_cpu(model)
     x = inputs.detach().float().cpu()
     with eval_mode(cpu_model), torch.no_grad():
         expected = cpu_model(x).numpy()
-    got = _cpu_session(path).run(["logits"], {"input": x.numpy()})[0]
+    try:
+        got = _cpu_session(path).run(["logits"], {"input": x.numpy()})[0]
+    except Exception as err:  # onnxruntime's errors derive from Exception only
+        raise ExportError(f"{path}: ONNX Runtime cannot run the export: {first_line(err)}") from err
     check = ExportCheck(
         max_abs_diff=float(np.max(np.abs(got - expected))),
         max_abs_logit=float(np.max(np.abs(expected))),
@@ -171,8 +238,73 @@ class _BatchReader(CalibrationDataReader):
         return next(self._batches, None)
 
 
-def quantize_int8(onnx_path, out_path, calibration: np.ndarray, batch: int = 8) -> Path:
-    """Static INT8 quantisation (QDQ, per-channel S8 weights, S8 activations, MinMax)."""
+INT8_TARGETS = ("x86", "arm")
+_X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")
+_QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+CALIBRATION_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+INT8_METADATA_KEY = "slimdeploy.int8"
+
+
+def resolve_int8_target(target: str = "auto", machine: str | None = None) -> str:
+    """``x86`` or ``arm``; ``auto`` is this machine's architecture, where anything not x86 gets arm's
+    S8S8 (also onnxruntime's default QDQ types)."""
+    if target != "auto":
+        _check_choice("int8 target", target, INT8_TARGETS)
+        return target
+    machine = (machine or platform.machine()).lower()
+    return "x86" if machine in _X86_MACHINES else "arm"
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has the 8-bit dot-product instructions (AVX512-VNNI or AVX-VNNI)."""
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("avx512_vnni") or caps.get("avx_vnni"))
+
+
+def int8_types(target: str, vnni: bool | None = None) -> dict:
+    """`quantize_int8`'s type keywords for an ``x86`` or ``arm`` target, per onnxruntime's guidance.
+
+    x86 kernels multiply U8 activations by S8 weights (S8S8 runs slower there). Without VNNI they
+    add pairs of U8·S8 products in int16, which can saturate, so weights get 7 bits (reduce_range);
+    ``vnni`` defaults to this CPU's. ARM kernels favour S8 activations and weights.
+    """
+    _check_choice("int8 target", target, INT8_TARGETS)
+    if target == "arm":
+        return {"activation": "int8", "weights": "int8", "reduce_range": False}
+    vnni = cpu_has_vnni() if vnni is None else vnni
+    return {"activation": "uint8", "weights": "int8", "reduce_range": not vnni}
+
+
+def _check_choice(what: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def quantize_int8(
+    onnx_path,
+    out_path,
+    calibration: np.ndarray,
+    *,
+    activation: str = "uint8",
+    weights: str = "int8",
+    method: str = "minmax",
+    reduce_range: bool = False,
+    batch: int = 8,
+) -> Path:
+    """Static INT8 quantisation: QDQ format, per-channel weights; returns ``out_path``.
+
+    ``activation`` and ``weights`` are ``uint8`` or ``int8`` (`int8_types` gives a target's),
+    ``method`` calibrates the activation ranges on ``calibration`` (N, C, H, W): ``minmax``,
+    ``entropy`` or ``percentile``; ``reduce_range`` quantises weights to 7 bits. The choices are
+    recorded as JSON in the model's metadata under ``slimdeploy.int8``.
+    """
+    _check_choice("activation", activation, _QUANT_TYPES)
+    _check_choice("weights", weights, _QUANT_TYPES)
+    _check_choice("calibration method", method, CALIBRATION_METHODS)
     out_path = Path(out_path)
     data = np.ascontiguousarray(calibration, dtype=np.float32)
     input_name = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].name
@@ -180,13 +312,54 @@ def quantize_int8(onnx_path, out_path, calibration: np.ndarray, batch: int = 8) 
         # Shape inference + graph cleanup gives the quantiser complete shapes to work with.
         pre = Path(work) / "preprocessed.onnx"
         quant_pre_process(str(onnx_path), str(pre))
+        ranges = _calibrate(pre, _BatchReader(input_name, data, batch), method, Path(work))
         quantize_static(
             str(pre),
             str(tmp),
-            _BatchReader(input_name, data, batch),
+            None,  # the activation ranges come from the calibration file
             quant_format=QuantFormat.QDQ,
             per_channel=True,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
+            reduce_range=reduce_range,
+            activation_type=_QUANT_TYPES[activation],
+            weight_type=_QUANT_TYPES[weights],
+            calibrate_method=CALIBRATION_METHODS[method],
+            calibration_cache_path=ranges,
         )
+        choices = {"format": "QDQ", "activation": activation, "weights": weights, "per_channel": True,
+                   "reduce_range": reduce_range, "calibration": method, "calibration_images": len(data)}
+        _add_metadata(tmp, INT8_METADATA_KEY, json.dumps(choices))
     return out_path
+
+
+# Calibrator options quantize_static does not pass on. Its entropy histogram has 128 bins, as many as
+# the quantized bins it searches, which leaves the full range as the only candidate (entropy would
+# equal minmax); 2048 bins, as TensorRT's and PyTorch's histogram observers use. (MinMax's
+# max_intermediate_outputs is left alone: onnxruntime 1.32 drops the batches it should fold in.)
+_CALIBRATOR_OPTIONS = {"minmax": {}, "entropy": {"num_bins": 2048}, "percentile": {}}
+
+
+def _calibrate(model: Path, reader: CalibrationDataReader, method: str, work: Path) -> Path:
+    """Activation ranges of `model` with onnxruntime's calibrator, saved where quantize_static reads them."""
+    calibrator = create_calibrator(model, augmented_model_path=str(work / "augmented.onnx"),
+                                   calibrate_method=CALIBRATION_METHODS[method],
+                                   extra_options=_CALIBRATOR_OPTIONS[method])
+    with contextlib.redirect_stdout(None):  # the histogram calibrators print progress
+        calibrator.collect_data(reader)
+        ranges = calibrator.compute_data()
+    save_tensors_data(ranges, work / "ranges.json")
+    return work / "ranges.json"
+
+
+def _add_metadata(path: Path, key: str, value: str) -> None:
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, key: value})
+    onnx.save(proto, str(path))
+
+
+def int8_metadata(path) -> dict:
+    """What `quantize_int8` recorded in a model: types, reduce_range, calibration method and images."""
+    proto = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    if INT8_METADATA_KEY not in props:
+        raise ValueError(f"{path}: no {INT8_METADATA_KEY} metadata; not written by quantize_int8")
+    return json.loads(props[INT8_METADATA_KEY])

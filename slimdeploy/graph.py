@@ -7,17 +7,20 @@ BatchNorm layers whose γ belongs to it, with the index map from BN channel to r
 
 from __future__ import annotations
 
+import contextlib
 import math
+import traceback
 from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
+from slimdeploy.errors import ModelError, SlimdeployError
 from slimdeploy.sparsity import BN_TYPES
 
 
-class GraphError(RuntimeError):
+class GraphError(SlimdeployError, RuntimeError):
     """The model cannot be traced or has nothing to prune."""
 
 
@@ -51,25 +54,107 @@ def _is_depthwise(conv: nn.Module) -> bool:
     return conv.groups == conv.in_channels  # one filter group per input channel (any multiplier)
 
 
+class _OpaqueShuffle(torch.autograd.Function):
+    """A channel shuffle as one autograd node, so tracing does not see its view/transpose/view."""
+
+    @staticmethod
+    def forward(ctx, x, groups, shuffle):
+        ctx.groups, ctx.shuffle = groups, shuffle
+        return shuffle(x, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.shuffle(grad, grad.shape[1] // ctx.groups), None, None  # the inverse permutation
+
+
+class _ShuffleLayer(nn.Module):
+    """One channel shuffle, run as a layer of its own while the graph is traced.
+
+    torch-pruning reads a shuffle's view/transpose/view as a flatten and fails, or maps channels
+    wrongly; and no index map can express it, since the pruned shuffle is the same permutation only if
+    both halves lose the same positions. As a layer whose input and output channels are separate, like
+    a conv's, it ends every group that reaches it, and `channel_groups` leaves those groups out.
+    """
+
+    def __init__(self, shuffle):
+        super().__init__()
+        self.shuffle, self.channels = shuffle, None
+
+    def forward(self, x, groups):
+        self.channels = x.shape[1]
+        return _OpaqueShuffle.apply(x, groups, self.shuffle)
+
+
+class _ShufflePruner(tp.pruner.BasePruningFunc):
+    """Never prunes: no group through a shuffle is planned."""
+
+    def prune_out_channels(self, layer, idxs):
+        return layer
+
+    def prune_in_channels(self, layer, idxs):  # a separate function: input and output are not coupled
+        return layer
+
+    def get_out_channels(self, layer):
+        return layer.channels
+
+    def get_in_channels(self, layer):
+        return layer.channels
+
+
+@contextlib.contextmanager
+def _shuffles_as_layers(model: nn.Module):
+    """Run the channel shuffle of each torchvision ShuffleNetV2 block as a `_ShuffleLayer` child of the
+    block; yields the customized pruners torch-pruning needs for them."""
+    from torchvision.models import shufflenetv2
+
+    blocks = [m for m in model.modules() if isinstance(m, shufflenetv2.InvertedResidual)]
+    if not blocks:
+        yield {}
+        return
+    shuffle, entered = shufflenetv2.channel_shuffle, []
+    for block in blocks:
+        block.add_module("trace_shuffle", _ShuffleLayer(shuffle))
+    hooks = [block.register_forward_pre_hook(lambda block, args: entered.append(block)) for block in blocks]
+    shufflenetv2.channel_shuffle = lambda x, groups: entered[-1].trace_shuffle(x, groups)
+    try:
+        yield {_ShuffleLayer: _ShufflePruner()}
+    finally:
+        shufflenetv2.channel_shuffle = shuffle
+        for hook in hooks:
+            hook.remove()
+        for block in blocks:
+            del block.trace_shuffle
+
+
+def _crosses_shuffle(group) -> bool:
+    return any(isinstance(item.dep.target.module, _ShuffleLayer) for item in group.items)
+
+
 def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
     if not any(isinstance(m, BN_TYPES) for m in model.modules()):
-        raise GraphError(f"{type(model).__name__} has no BatchNorm layer: network slimming needs BN scaling factors")
+        raise ModelError(f"{type(model).__name__} has no BatchNorm layer: network slimming needs BN scaling factors")
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        with torch.enable_grad(), _shuffles_as_layers(model) as pruners:
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False,
+                                                         customized_pruners=pruners)
     except Exception as err:
-        raise GraphError(f"cannot trace {type(model).__name__} for pruning: {type(err).__name__}: {err}") from err
+        where = traceback.extract_tb(err.__traceback__)[-1].name
+        raise GraphError(f"cannot trace {type(model).__name__} for pruning: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''} (in {where})") from err
     finally:
         model.train(was_training)
 
 
 def channel_groups(model: nn.Module, dg: tp.DependencyGraph) -> list[ChannelGroup]:
-    """Every prunable group that holds at least one BN (a group without one has no slimming score)."""
+    """Every prunable group that holds at least one BN (a group without one has no slimming score)
+    and crosses no channel shuffle (see `_ShuffleLayer`)."""
     names = {m: n for n, m in model.named_modules()}
     groups = []
     for group in dg.get_all_groups(ignored_layers=output_layers(model)):
+        if _crosses_shuffle(group):
+            continue
         root_module = group[0].dep.target.module
         slots: dict[str, BNSlot] = {}
         ch_groups = 1

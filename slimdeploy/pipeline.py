@@ -20,16 +20,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from slimdeploy import bench, distributed, export, ortbench
-from slimdeploy.data import Dataset, Normalize, load_dataset
-from slimdeploy.graph import build_graph, channel_groups
+from slimdeploy import api, bench, distributed, export, ortbench
+from slimdeploy.data import Dataset, Normalize, eval_batches, first_images, load_dataset
 from slimdeploy.models import build_model
-from slimdeploy.plan import ChannelPlan, make_plan
-from slimdeploy.prune import apply_plan, layer_widths, rebuild_pruned, zero_removed_gammas
+from slimdeploy.plan import ChannelPlan
+from slimdeploy.prune import layer_widths, zero_bn_channels
 from slimdeploy.recipe import Recipe
 from slimdeploy.sparsity import ProximalSparsifier, Sparsifier, make_sparsifier
 from slimdeploy.report import plot_latency, plot_scores, plot_widths, write_json, write_markdown
-from slimdeploy.train import evaluate, load_checkpoint, save_atomic, train
+from slimdeploy.train import evaluate, load_checkpoint, save_atomic, train, use_channels_last
 
 EXPORTS = ("onnx", "onnx-int8")
 
@@ -50,6 +49,11 @@ def _threads(n: int) -> int:
     return n or os.cpu_count() or 1
 
 
+def _recipe_fields(recipe: Recipe, *sections: str) -> dict:
+    """The recipe without ``sections`` and without keys that change speed, not what training computes."""
+    return recipe.model_dump(mode="json", exclude={**{s: True for s in sections}, "data": {"workers"}})
+
+
 def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -65,8 +69,9 @@ def _train_stage(model, data, opt_cfg, recipe, sparsifier, normalize, ckpt, resu
     )
 
 
-def _cpu_batch(normalize, images) -> torch.Tensor:
-    return normalize(images).cpu().contiguous()
+def _cpu_batch(normalize, split, n: int) -> torch.Tensor:
+    """The first ``n`` images of ``split``, normalised, as a contiguous CPU batch."""
+    return normalize(first_images(split, n)).cpu().contiguous()
 
 
 @dataclass
@@ -80,21 +85,22 @@ class PruneResult:
 def prune_stage(dense, scores, recipe: Recipe, data: Dataset, normalize) -> PruneResult:
     """Plan from the BN scores and remove the channels from a copy of ``dense`` (a CPU model)."""
     tic = time.perf_counter()
-    pruned = copy.deepcopy(dense)
-    groups = channel_groups(pruned, build_graph(pruned, torch.randn(1, *data.input_shape)))
-    plan = make_plan(groups, scores, recipe.prune, model_name=recipe.model.name,
-                     num_classes=data.num_classes, input_shape=data.input_shape)
-    compensate = recipe.prune.compensate
-    calibration = _cpu_batch(normalize, data.train.images[: recipe.prune.calibration_images])
-    apply_plan(pruned, plan, None if compensate == "none" else calibration, exact=compensate == "exact")
+    outcome = api.prune_with_record(
+        dense, _cpu_batch(normalize, data.train, recipe.prune.calibration_images), scores,
+        **recipe.prune.prune_kwargs(), model_name=recipe.model.name, model_kwargs=recipe.model.kwargs,
+    )
     seconds = time.perf_counter() - tic
-    error = _compensation_error(dense, pruned, plan, _cpu_batch(normalize, data.test.images[:64]))
-    return PruneResult(pruned, plan, seconds, error)
+    x = _cpu_batch(normalize, data.test, 64)
+    with torch.no_grad():
+        ref = zero_bn_channels(copy.deepcopy(dense), outcome.zeroed_bn_channels)(x)
+        error = {"max_abs_diff": float((outcome.model(x) - ref).abs().max()),
+                 "max_abs_logit": float(ref.abs().max()), "images": len(x)}
+    return PruneResult(outcome.model, outcome.plan, seconds, error)
 
 
 def export_stage(dense, pruned, paths, data: Dataset, normalize, cfg) -> dict:
     """Both models to ONNX, each checked in onnxruntime against PyTorch (raises on a mismatch)."""
-    check = _cpu_batch(normalize, data.test.images[: cfg.check_batch])
+    check = _cpu_batch(normalize, data.test, cfg.check_batch)
     results = []
     for model, path in zip((dense, pruned), paths):
         export.export_onnx(model, path, data.input_shape, opset=cfg.opset)
@@ -105,46 +111,48 @@ def export_stage(dense, pruned, paths, data: Dataset, normalize, cfg) -> dict:
 
 
 def _ort_accuracy(path, data: Dataset, normalize, batch: int = 256) -> float:
+    """Top-1 accuracy (%) of an ONNX model in onnxruntime over the whole test split."""
     sess = ortbench.make_session(path, threads=_threads(0))
     name = sess.get_inputs()[0].name
-    correct = 0
-    for start in range(0, len(data.test), batch):
-        x = _cpu_batch(normalize, data.test.images[start : start + batch]).numpy()
-        logits = sess.run(None, {name: x})[0]
-        correct += int((logits.argmax(1) == data.test.labels[start : start + batch].numpy()).sum())
-    return 100.0 * correct / len(data.test)
+    correct = seen = 0
+    for images, labels in eval_batches(data.test, batch):
+        logits = sess.run(None, {name: normalize(images).cpu().contiguous().numpy()})[0]
+        correct += int((logits.argmax(1) == labels.numpy()).sum())
+        seen += len(labels)
+    return 100.0 * correct / seen
 
 
 def _int8_stage(out: Path, data, normalize, recipe, progress) -> dict:
-    calib = _cpu_batch(normalize, data.train.images[:256]).numpy()
-    result = {"calibration_images": len(calib), "format": "QDQ, per-channel weights", "latency": []}
-    paths = {}
-    for name in ("dense", "pruned"):
-        paths[name] = export.quantize_int8(out / f"{name}.onnx", out / f"{name}.int8.onnx", calib)
+    """Both ONNX models quantized for the recipe's INT8 target; accuracy and latency beside FP32."""
+    cfg = recipe.export
+    target = export.resolve_int8_target(cfg.int8_target)
+    types = export.int8_types(target)
+    calib = _cpu_batch(normalize, data.train, cfg.int8_calibration_images).numpy()
+    result = {"target": target, **types, "format": "QDQ, per-channel weights", "calibration": cfg.int8_calibration,
+              "calibration_images": len(calib), "latency": []}
+    fp32 = {name: out / f"{name}.onnx" for name in ("dense", "pruned")}
+    int8 = {}
+    for name, path in fp32.items():
+        int8[name] = export.quantize_int8(path, out / f"{name}.int8.onnx", calib, method=cfg.int8_calibration,
+                                          **types)
         result[name] = {
-            "onnx": str(paths[name]),
-            "onnx_bytes": bench.file_size(paths[name]),
-            "accuracy": _ort_accuracy(paths[name], data, normalize),
+            "onnx": str(int8[name]),
+            "onnx_bytes": bench.file_size(int8[name]),
+            "accuracy": _ort_accuracy(int8[name], data, normalize),
+            "fp32_accuracy": _ort_accuracy(path, data, normalize),
         }
     for s in recipe.bench.settings:
         # FP32 timed again beside INT8, interleaved in one session set, so the two compare fairly.
-        fp32 = [out / "dense.onnx", out / "pruned.onnx"]
         stats = ortbench.time_sessions(
-            fp32 + [paths["dense"], paths["pruned"]], batch=s.batch, threads=_threads(s.threads),
+            [*fp32.values(), *int8.values()], batch=s.batch, threads=_threads(s.threads),
             warmup=recipe.bench.warmup, iters=recipe.bench.iters, progress=progress,
         )
         result["latency"].append({"batch": s.batch, "threads": _threads(s.threads),
                                   "dense_fp32": stats[0].to_dict(), "pruned_fp32": stats[1].to_dict(),
-                                  "dense": stats[2].to_dict(), "pruned": stats[3].to_dict()})
+                                  "dense": stats[2].to_dict(), "pruned": stats[3].to_dict(),
+                                  "speedup_vs_fp32": {"dense": stats[0].p50 / stats[2].p50,
+                                                      "pruned": stats[1].p50 / stats[3].p50}})
     return result
-
-
-@torch.no_grad()
-def _compensation_error(dense, pruned, plan, x) -> dict:
-    """How far the pruned model is from the trained one with the removed γ set to zero (β kept)."""
-    ref = zero_removed_gammas(copy.deepcopy(dense), plan)(x)
-    return {"max_abs_diff": float((pruned(x) - ref).abs().max()), "max_abs_logit": float(ref.abs().max()),
-            "images": len(x)}
 
 
 def _model_summary(model, shape, accuracy, onnx_path) -> dict:
@@ -219,19 +227,21 @@ def _run(recipe, out, recipe_name, export_format, resume, progress, procs, devic
     data = load_dataset(recipe.data, recipe.seed)
     if procs.main:
         distributed.barrier()
-    normalize = Normalize(data.mean, data.std, device, recipe.data.channels_last)
+    channels_last = use_channels_last(recipe.data.channels_last, device.type, recipe.train.precision)
+    normalize = Normalize(data.mean, data.std, device, channels_last)
     shape = data.input_shape
-    memory_format = torch.channels_last if recipe.data.channels_last else torch.contiguous_format
-    model = build_model(recipe.model.name, data.num_classes, bn_init=recipe.model.bn_init)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(recipe.model.name, data.num_classes, bn_init=recipe.model.bn_init,
+                        kwargs=recipe.model.kwargs, weights=recipe.model.weights)
     model = model.to(device, memory_format=memory_format)
 
     # 1. sparse training
-    sparsifier = make_sparsifier(model, recipe.sparsity)
+    sparsifier = make_sparsifier(model, **recipe.sparsity.model_dump())
     log(f"sparse training: {recipe.model.name}, {recipe.sparsity.method}/{recipe.sparsity.penalty}, "
         f"{recipe.train.epochs} epochs on {len(data.train)} {data.name} images")
     trained = _train_stage(model, data, recipe.train, recipe, sparsifier, normalize,
                            out / "checkpoints" / "last.pt", resume, progress, "sparse", procs, device,
-                           _fingerprint(recipe.model_dump(mode="json", exclude={"prune", "finetune", "export", "bench"})))
+                           _fingerprint(_recipe_fields(recipe, "prune", "finetune", "export", "bench")))
     if procs.main:
         save_atomic(model.state_dict(), out / "dense.pt")
     scores = sparsifier.scores()
@@ -255,7 +265,7 @@ def _run(recipe, out, recipe_name, export_format, resume, progress, procs, devic
         finetuned = _train_stage(pruned, data, recipe.finetune, recipe, Sparsifier(pruned), normalize,
                                  out / "checkpoints" / "finetune_last.pt", resume, progress, "finetune",
                                  procs, device,
-                                 _fingerprint(recipe.model_dump(mode="json", exclude={"export", "bench"}), asdict(plan)))
+                                 _fingerprint(_recipe_fields(recipe, "export", "bench"), asdict(plan)))
     pruned_acc = finetuned.accuracy if finetuned else no_ft_acc
     if not procs.main:
         return RunResult(out, {})
@@ -323,8 +333,6 @@ def _run(recipe, out, recipe_name, export_format, resume, progress, procs, devic
     return RunResult(out, report)
 
 
-def load_pruned(run_dir: str | Path) -> torch.nn.Module:
+def load_pruned(run_dir: str | Path, build=None) -> torch.nn.Module:
     """The pruned model of a run directory, rebuilt from pruned_plan.json and pruned.pt."""
-    run_dir = Path(run_dir)
-    plan = ChannelPlan.from_json(run_dir / "pruned_plan.json")
-    return rebuild_pruned(plan, load_checkpoint(run_dir / "pruned.pt"))
+    return api.load_pruned(Path(run_dir), build)

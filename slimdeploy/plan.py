@@ -33,7 +33,8 @@ class GroupPlan:
 
 @dataclass
 class ChannelPlan:
-    """JSON-serialisable: with the model name it rebuilds the pruned architecture."""
+    """JSON-serialisable: with the model's name (a registry name or a factory's import path) and its
+    factory's keyword arguments it rebuilds the pruned architecture."""
 
     model: str
     num_classes: int
@@ -45,6 +46,7 @@ class ChannelPlan:
     biased: list[str] = field(default_factory=list)  # layers given a bias by BN-bias compensation
     bias_maps: dict[str, list[int]] = field(default_factory=dict)  # layers wrapped in a BiasMap, its shape
     notes: dict = field(default_factory=dict)
+    model_kwargs: dict = field(default_factory=dict)  # keyword arguments of the model's factory
 
     @property
     def channels_total(self) -> int:
@@ -54,15 +56,23 @@ class ChannelPlan:
     def channels_kept(self) -> int:
         return sum(g.kept for g in self.groups)
 
+    def to_dict(self) -> dict:
+        """Plain types only (str, int, float, list, dict): JSON- and ``weights_only``-safe."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ChannelPlan":
+        raw = dict(raw)
+        raw["groups"] = [GroupPlan(**g) for g in raw["groups"]]
+        return cls(**raw)
+
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=1))
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ChannelPlan":
         try:
-            raw = json.loads(Path(path).read_text())
-            raw["groups"] = [GroupPlan(**g) for g in raw["groups"]]
-            return cls(**raw)
+            return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not a readable channel plan ({type(err).__name__}: {err})") from None
 
@@ -116,42 +126,62 @@ def _round_kept(kept: int, channels: int, n: int | None, least: int) -> int:
     return min(rounded, channels)
 
 
+PLAN_MODES = ("percent", "threshold", "zeros", "none")
+
+
 def make_plan(
     groups: list[ChannelGroup],
     bn_scores: dict[str, torch.Tensor],
-    cfg,
     *,
-    model_name: str,
-    num_classes: int,
-    input_shape: tuple[int, ...],
+    how: str = "percent",
+    amount: float = 0.5,
+    min_channels: int = 1,
+    round_to: int | str | None = None,
+    score_reduce: str = "max",
+    model_name: str = "",
+    model_kwargs: dict | None = None,
+    num_classes: int = 0,
+    input_shape: tuple[int, ...] = (),
 ) -> ChannelPlan:
-    """Decide per group which channels go, following a recipe's ``prune`` section."""
-    scores = [group_scores(g, bn_scores, cfg.score_reduce) for g in groups]
+    """Decide per group which channels go.
+
+    ``how``: ``percent`` removes the ``amount`` share (in [0, 1)) of all prunable channels with the
+    lowest scores; ``threshold`` those scoring below ``amount``; ``zeros`` those scoring exactly 0;
+    ``none`` nothing. ``round_to`` (N, ``"auto"`` for the SIMD block, or None) aligns kept widths.
+    ``model_name``/``model_kwargs`` record how to build the unpruned model, for rebuilding.
+    """
+    if how not in PLAN_MODES:
+        raise ValueError(f"unknown plan mode {how!r}; allowed: {', '.join(PLAN_MODES)}")
+    if how == "percent" and not 0 <= amount < 1:
+        raise ValueError(f"amount must be a share in [0, 1) for how='percent', got {amount}")
+    if score_reduce not in _REDUCE:
+        raise ValueError(f"unknown score_reduce {score_reduce!r}; allowed: {', '.join(_REDUCE)}")
+    scores = [group_scores(g, bn_scores, score_reduce) for g in groups]
     flat = torch.cat(scores)
     cut = None
-    if cfg.how == "percent":
-        n_remove = int(cfg.percent * len(flat))
+    if how == "percent":
+        n_remove = int(amount * len(flat))
         order = torch.argsort(flat, stable=True)
         removed = torch.zeros(len(flat), dtype=torch.bool)
         removed[order[:n_remove]] = True
         cut = float(flat[order[n_remove]]) if n_remove < len(flat) else None
         masks = list(removed.split([len(s) for s in scores]))
-    elif cfg.how == "threshold":
-        cut = cfg.threshold
-        masks = [s < cfg.threshold for s in scores]
-    elif cfg.how == "zeros":
+    elif how == "threshold":
+        cut = float(amount)
+        masks = [s < cut for s in scores]
+    elif how == "zeros":
         cut = 0.0
         masks = [s == 0 for s in scores]
     else:
         masks = [torch.zeros(len(s), dtype=torch.bool) for s in scores]
 
-    round_to = simd_block() if cfg.round_to == "auto" else cfg.round_to
+    round_to = simd_block() if round_to == "auto" else round_to
     plans = []
     for group, score, remove in zip(groups, scores, masks):
         # Decide per position within a conv group (all positions when the group has no grouped conv).
         g = group.ch_groups
         positions = group.channels // g
-        least = min(math.ceil(cfg.min_channels / g), positions)
+        least = min(math.ceil(min_channels / g), positions)
         kept = max(positions - round(int(remove.sum()) / g), least)
         if round_to and kept < positions:  # a group the plan leaves whole stays whole
             kept = _round_kept(kept, positions, round_to // math.gcd(round_to, g), least)
@@ -160,5 +190,5 @@ def make_plan(
         drop = sorted(k * positions + int(j) for k in range(g) for j in order[kept:])
         plans.append(GroupPlan(group.root, group.channels, drop, [s.name for s in group.bns]))
     return ChannelPlan(
-        model_name, num_classes, list(input_shape), cfg.how, plans, cut, round_to,
+        model_name, num_classes, list(input_shape), how, plans, cut, round_to, model_kwargs=dict(model_kwargs or {}),
     )

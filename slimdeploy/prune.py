@@ -16,10 +16,14 @@ import copy
 from collections import defaultdict
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
+from slimdeploy.errors import ModelError
 from slimdeploy.graph import ChannelGroup, build_graph
+from slimdeploy.imports import is_import_path, resolve
 from slimdeploy.models import build_model
+from slimdeploy.outputs import aux_heads, drop_aux_heads
 from slimdeploy.plan import ChannelPlan
 from slimdeploy.sparsity import BN_TYPES
 
@@ -40,27 +44,39 @@ def _removed_inputs(model: nn.Module, dg, plan: ChannelPlan):
     names = {m: n for n, m in model.named_modules()}
     bn_zero, inputs, outputs = defaultdict(set), defaultdict(set), defaultdict(set)
     for group in _plan_groups(model, dg, plan):
-        out_pruned = {item.dep.target.module for item in group.items if dg.is_out_channel_pruning_fn(item.dep.handler)}
         for item in group.items:
             module, handler = item.dep.target.module, item.dep.handler
             idxs = (int(i) for i in item.idxs)
             if isinstance(module, BN_TYPES) and module.weight is not None:
                 bn_zero[names[module]].update(idxs)
+            # A depthwise conv's input pruning is its output pruning: it loses whole channels, reads none.
             elif isinstance(module, _WEIGHTED) and handler == dg.get_pruner_of_module(module).prune_out_channels:
                 outputs[names[module]].update(idxs)
-            elif isinstance(module, _WEIGHTED) and module not in out_pruned:  # depthwise: lost on both sides
+            elif isinstance(module, _WEIGHTED) and dg.is_in_channel_pruning_fn(handler):
+                # also when the same group takes its outputs (a pointwise conv after a depthwise one on
+                # the residual stream): its kept outputs still read the removed inputs
                 inputs[names[module]].update(idxs)
     return bn_zero, inputs, outputs
 
 
+def removed_bn_channels(model: nn.Module, graph: tp.DependencyGraph, plan: ChannelPlan) -> dict[str, list[int]]:
+    """Per affine BN, the channels the plan removes (indices of the unpruned model)."""
+    bn_zero, _, _ = _removed_inputs(model, graph, plan)
+    return {name: sorted(idxs) for name, idxs in bn_zero.items()}
+
+
 @torch.no_grad()
+def zero_bn_channels(model: nn.Module, channels: dict[str, list[int]]) -> nn.Module:
+    """Set γ of the given BN channels to 0 (β kept), in place."""
+    for name, idxs in channels.items():
+        model.get_submodule(name).weight[sorted(idxs)] = 0
+    return model
+
+
 def zero_removed_gammas(model: nn.Module, plan: ChannelPlan) -> nn.Module:
     """Set γ of every BN channel the plan removes to 0, β kept: the function compensation reproduces."""
     example = torch.randn(1, *plan.input_shape, device=next(model.parameters()).device)
-    bn_zero, _, _ = _removed_inputs(model, build_graph(model, example), plan)
-    for name, idxs in bn_zero.items():
-        model.get_submodule(name).weight[sorted(idxs)] = 0
-    return model
+    return zero_bn_channels(model, removed_bn_channels(model, build_graph(model, example), plan))
 
 
 @torch.no_grad()
@@ -68,9 +84,7 @@ def _contributions(model: nn.Module, bn_zero, inputs, calibration: torch.Tensor)
     """Per consumer, what its removed inputs add to its output: the layer applied (without bias) to
     their mean values, measured on the calibration batch of the γ-zeroed model. For a conv this is a
     map [out, H, W]: constant inside, different where zero padding cuts the kernel."""
-    zeroed = copy.deepcopy(model).eval()
-    for name, idxs in bn_zero.items():
-        zeroed.get_submodule(name).weight[sorted(idxs)] = 0
+    zeroed = zero_bn_channels(copy.deepcopy(model).eval(), bn_zero)
     constant_inputs, hooks = {}, []
     for name, idxs in inputs.items():
         idx = torch.tensor(sorted(idxs))
@@ -131,7 +145,11 @@ def _is_uniform(contribution: torch.Tensor) -> bool:
 
 
 def apply_plan(
-    model: nn.Module, plan: ChannelPlan, calibration: torch.Tensor | None = None, exact: bool = True
+    model: nn.Module,
+    plan: ChannelPlan,
+    calibration: torch.Tensor | None = None,
+    exact: bool = True,
+    graph: tp.DependencyGraph | None = None,
 ) -> nn.Module:
     """Remove the planned channels from ``model`` in place (and return it).
 
@@ -139,9 +157,11 @@ def apply_plan(
     it is uniform over the feature map, and, with ``exact``, as a :class:`BiasMap` where zero padding
     makes it vary at the borders (else as the bias of the interior). ``plan.biased`` and
     ``plan.bias_maps`` record the layers changed, so :func:`rebuild_pruned` can rebuild them.
+    Auxiliary classifiers (torchvision GoogLeNet, Inception v3) are removed.
+    ``graph`` is the model's dependency graph, if already traced.
     """
     device = next(model.parameters()).device
-    dg = build_graph(model, torch.randn(1, *plan.input_shape, device=device))
+    dg = graph or build_graph(model, torch.randn(1, *plan.input_shape, device=device))
     maps = {}
     if calibration is not None:
         bn_zero, inputs, outputs = _removed_inputs(model, dg, plan)
@@ -161,30 +181,58 @@ def apply_plan(
         plan.bias_maps = {name: list(m.shape) for name, m in sorted(maps.items())}
     for group in _plan_groups(model, dg, plan):  # each group is formed just before it is pruned
         group.prune()
+    drop_aux_heads(model)  # train-only heads the eval-mode graph never saw, so they were not pruned
     for name, bias_map in maps.items():
         model.set_submodule(name, BiasMap(model.get_submodule(name), bias_map))
     return model
 
 
-def rebuild_pruned(plan: ChannelPlan, state_dict: dict) -> nn.Module:
-    """The pruned model from its plan and weights alone: no pickled modules."""
-    model = build_model(plan.model, plan.num_classes)
+def rebuild_pruned(plan: ChannelPlan, state_dict: dict, build=None) -> nn.Module:
+    """The pruned model from its plan and weights alone: no pickled modules.
+
+    The unpruned model comes from ``build`` (a callable, or a factory's import path called with the
+    plan's ``model_kwargs``) or else from the plan: a registry name, a torchvision builder, or the import
+    path of an ``nn.Module`` subclass. A plan naming any other callable needs ``build``, so that a
+    swapped file cannot make this call a function of its choice.
+    """
+    model = unpruned_model(plan, build)
     for name in plan.biased:
         layer = model.get_submodule(name)
         _add_bias(layer, torch.zeros(layer.weight.shape[0]))
     apply_plan(model, plan)
     for name, shape in plan.bias_maps.items():
         model.set_submodule(name, BiasMap(model.get_submodule(name), torch.zeros(shape)))
-    model.load_state_dict(state_dict)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        raise ModelError(f"the pruned weights do not fit the model the plan builds ({str(err).splitlines()[0]})") from None
+    return model
+
+
+def unpruned_model(plan: ChannelPlan, build=None) -> nn.Module:
+    """The model the plan was made for, before pruning (see :func:`rebuild_pruned`)."""
+    if callable(build):
+        model = build()
+    elif build is not None or not is_import_path(plan.model):
+        model = build_model(build or plan.model, plan.num_classes, kwargs=plan.model_kwargs)
+    else:
+        factory = resolve(plan.model, "plan model")
+        if not (isinstance(factory, type) and issubclass(factory, nn.Module)):
+            raise ModelError(f"the plan names the factory {plan.model!r}; pass build={plan.model!r} (or a "
+                             f"callable) to trust it and build the unpruned model")
+        model = factory(**plan.model_kwargs)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"build returned a {type(model).__name__}, not a torch nn.Module")
     return model
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
-    """Output width of every conv and linear layer."""
+    """Output width of every conv and linear layer, outside auxiliary classifiers (pruning drops them)."""
     widths = {}
     wrapped = {f"{n}.layer" for n, m in model.named_modules() if isinstance(m, BiasMap)}
+    aux = tuple(f"{name}." for name in aux_heads(model))
     for name, m in model.named_modules():
-        if name in wrapped:
+        if name in wrapped or name.startswith(aux):
             continue
         if isinstance(m, BiasMap):  # listed under the wrapped layer's own name
             m = m.layer

@@ -14,9 +14,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slimdeploy import penalties
+from slimdeploy.errors import InputError
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """A recipe or override that cannot be used; the message names the key."""
 
 
@@ -25,32 +26,134 @@ class _Section(BaseModel):
 
 
 class ModelCfg(_Section):
-    name: str = "resnet56"
-    bn_init: float | None = Field(0.5, description="initial BN γ (the papers use 0.5); null keeps 1.0")
+    name: str = Field("resnet56", description="a built-in name, torchvision:<builder>, or a factory's import "
+                      "path package.module:factory or path/to/file.py:factory")
+    kwargs: dict[str, Any] = Field({}, description="keyword arguments of the builder or factory")
+    weights: str | None = Field(None, description="a state_dict file (or a checkpoint holding one under "
+                                "state_dict or model), or for torchvision builders DEFAULT or a weights name "
+                                "such as IMAGENET1K_V1, read from torch hub's cache")
+    bn_init: float | None = Field(0.5, description="initial BN γ (the papers use 0.5); null keeps 1.0; "
+                                  "not applied over weights")
 
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
+        from slimdeploy.imports import is_import_path
         from slimdeploy.models import is_known_model
 
-        if not is_known_model(name):
-            from slimdeploy.models import MODEL_NAMES
+        if not (is_known_model(name) or is_import_path(name)):
+            from slimdeploy.models.registry import MODEL_CHOICES
 
-            raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}, torchvision:<builder>")
+            raise ValueError(f"unknown model {name!r}; allowed: {MODEL_CHOICES}")
         return name
+
+    @model_validator(mode="after")
+    def _weights_or_bn_init(self) -> "ModelCfg":
+        if self.weights and "bn_init" in self.model_fields_set and self.bn_init is not None:
+            raise ValueError("bn_init initialises γ of an untrained model; with weights it is not applied: "
+                             "remove bn_init or set it to null")
+        return self
+
+
+IN_MEMORY_DATA = ("cifar10", "cifar100", "synthetic")
 
 
 class DataCfg(_Section):
-    name: Literal["cifar10", "cifar100", "synthetic"] = "cifar10"
-    root: str | None = Field(None, description="folder holding cifar-10-batches-py/ or cifar-100-python/")
-    image_size: int = Field(32, ge=8, le=512, description="synthetic only")
+    """CIFAR and synthetic images are held in memory; imagefolder and factory images are decoded per sample."""
+
+    name: str = Field(
+        "cifar10",
+        description="cifar10, cifar100, synthetic, imagefolder (data.root holds train/ and val/, one folder of "
+        "images per class), or a factory package.module:function or path/to/file.py:function returning "
+        "(train, val, num_classes): torch Datasets of (image, label), the image a PIL image or a uint8 "
+        "[3, H, W] tensor. Float tensors are refused: images stay uint8 until data.mean/std normalise them "
+        "on the device, so a factory must not normalise",
+    )
+    root: str | None = Field(None, description="CIFAR: the folder holding cifar-10-batches-py/ or "
+                             "cifar-100-python/; imagefolder: the folder holding train/ and val/")
+    image_size: int | None = Field(None, ge=8, le=512, description="input size S, images come out S×S; null: "
+                                   "32 for CIFAR (its only size) and synthetic, 224 for imagefolder and factories")
     train_size: int = Field(4096, ge=16, description="synthetic only")
     test_size: int = Field(1024, ge=16, description="synthetic only")
     num_classes: int = Field(10, ge=2, le=1000, description="synthetic only")
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(256, ge=1)
-    augment: bool = True
-    channels_last: bool = False
+    augment: bool | Literal["cifar", "imagenet", "none"] = Field(
+        True,
+        description="training augmentation: cifar (random crop with S/8 zero padding, horizontal flip), imagenet "
+        "(random resized crop, horizontal flip; evaluation resizes to S/0.875 and centre-crops), none; true: "
+        "cifar for CIFAR and synthetic, imagenet for imagefolder and factories; false: none",
+    )
+    mean: tuple[float, float, float] | None = Field(None, description="per-channel mean of pixels in [0, 1]; "
+                                                    "null: the CIFAR set's, 0.5 synthetic, ImageNet's otherwise")
+    std: tuple[float, float, float] | None = Field(None, description="per-channel standard deviation, as mean")
+    workers: int = Field(0, ge=0, description="DataLoader processes decoding imagefolder and factory images "
+                         "(0: the training process); batches are pinned in memory where CUDA is available")
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="NHWC memory format for training; auto: on, except on CUDA in fp32 (where it rarely pays)")
+
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _true_false_or_auto(cls, value):
+        if value not in (True, False, "auto"):  # not pydantic's lax bools ("yes", "off", ...)
+            raise ValueError("channels_last must be true, false or auto")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _known_data(cls, name: str) -> str:
+        from slimdeploy.imports import is_import_path
+
+        if name not in ("imagefolder", *IN_MEMORY_DATA) and not is_import_path(name):
+            raise ValueError(f"unknown data set {name!r}; allowed: cifar10, cifar100, synthetic, imagefolder, "
+                             f"package.module:factory, path/to/file.py:factory")
+        return name
+
+    @field_validator("image_size")
+    @classmethod
+    def _cifar_is_32(cls, size: int | None, info) -> int | None:
+        if size not in (None, 32) and info.data.get("name") in ("cifar10", "cifar100"):
+            raise ValueError("CIFAR images are 32×32: leave image_size null or set 32")
+        return size
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_fits_data(cls, augment, info):
+        if augment not in (True, False, "cifar", "imagenet", "none"):
+            raise ValueError("augment must be true, false, cifar, imagenet or none")
+        if augment == "imagenet" and info.data.get("name") in IN_MEMORY_DATA:
+            raise ValueError("imagenet augmentation is for imagefolder and factory data; CIFAR and synthetic "
+                             "take true, cifar or none")
+        return augment
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _three_channels(cls, values, info):
+        if values is not None and (not isinstance(values, (list, tuple)) or len(values) != 3):
+            raise ValueError(f"{info.field_name} must be null or 3 numbers (red, green, blue)")
+        return values
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, std):
+        if std is not None and min(std) <= 0:
+            raise ValueError("std must be positive in every channel")
+        return std
+
+    @property
+    def in_memory(self) -> bool:
+        return self.name in IN_MEMORY_DATA
+
+    @property
+    def input_size(self) -> int:
+        """S: images come out S×S."""
+        return self.image_size or (32 if self.in_memory else 224)
+
+    @property
+    def augmentation(self) -> Literal["cifar", "imagenet", "none"]:
+        if self.augment is True:
+            return "cifar" if self.in_memory else "imagenet"
+        return "none" if self.augment is False else self.augment
 
 
 class OptimCfg(_Section):
@@ -64,7 +167,13 @@ class OptimCfg(_Section):
     schedule: Literal["multistep", "cosine", "onecycle", "constant"] = "multistep"
     milestones: list[float] = Field([0.5, 0.75], description="fractions of the epochs (multistep)")
     gamma: float = Field(0.1, gt=0, le=1, description="lr factor at each milestone (multistep)")
-    amp: bool = Field(False, description="float16 mixed precision with loss scaling (CUDA only)")
+    amp: bool = Field(False, description="superseded by precision; true: fp16 on CUDA, as precision auto does")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="training steps' precision (parameters, optimizer and sparsifier state stay fp32): bf16 or "
+        "fp16 autocast, fp16 with loss scaling and on CUDA only (fp32 elsewhere); auto: bf16 on CPUs with "
+        "AVX-512 BF16 or AMX, fp16 on CUDA, fp32 otherwise",
+    )
     checkpoint_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: at epoch ends only)")
 
     @field_validator("milestones")
@@ -73,6 +182,13 @@ class OptimCfg(_Section):
         if any(not 0 < m < 1 for m in ms) or ms != sorted(ms):
             raise ValueError(f"milestones must be increasing fractions in (0, 1), got {ms}")
         return ms
+
+    @field_validator("precision")
+    @classmethod
+    def _amp_means_fp16(cls, precision: str, info) -> str:
+        if info.data.get("amp") and precision not in ("auto", "fp16"):
+            raise ValueError("contradicts amp: true, which asks for fp16; remove amp (precision supersedes it)")
+        return precision
 
 
 class TrainCfg(OptimCfg):
@@ -90,9 +206,18 @@ class SparsityCfg(_Section):
     lam: float = Field(1e-5, ge=0, description="penalty strength λ")
     p: float = Field(0.5, gt=0, lt=1, description="Lp exponent")
     a: float | None = Field(None, description="TL1 a > 0, MCP a > 1, SCAD a > 2; null: the penalty's default")
-    beta: float = Field(100.0, gt=0, description="proximal NS coupling β")
+    beta: float = Field(100.0, gt=0, allow_inf_nan=False, description="proximal NS coupling β")
     include: list[str] = Field([], description="fnmatch patterns of BN module names to regularise (empty: all)")
     exclude: list[str] = Field([], description="fnmatch patterns of BN module names to leave alone")
+
+    @field_validator("lam", "p", "a")
+    @classmethod
+    def _accepted_by_penalty(cls, value: float | None, info) -> float | None:
+        """The penalty checks each parameter on its own, so a range error names that parameter's key."""
+        penalty = info.data.get("penalty")  # absent when the penalty name itself was refused
+        if value is not None and penalty is not None:
+            penalties.get(penalty, **{"lam": 0.0, info.field_name: value})
+        return value
 
     @model_validator(mode="after")
     def _penalty_parameters(self) -> "SparsityCfg":
@@ -123,6 +248,12 @@ class PruneCfg(_Section):
     )
     calibration_images: int = Field(64, ge=1, description="training images for compensation")
 
+    def prune_kwargs(self) -> dict:
+        """Keyword arguments of :func:`slimdeploy.prune` (``amount`` is the percent or the threshold)."""
+        return dict(how=self.how, amount=self.threshold if self.how == "threshold" else self.percent,
+                    round_to=self.round_to, min_channels=self.min_channels, compensate=self.compensate,
+                    score_reduce=self.score_reduce)
+
     @field_validator("round_to")
     @classmethod
     def _positive(cls, n: int | str | None) -> int | str | None:
@@ -135,6 +266,14 @@ class ExportCfg(_Section):
     opset: int = Field(17, ge=17, le=23)
     tolerance: float = Field(1e-4, gt=0, description="max |ORT - PyTorch| allowed, relative to max |logit|")
     check_batch: int = Field(16, ge=1)
+    int8_target: Literal["auto", "x86", "arm"] = Field(
+        "auto", description="CPU the INT8 model is for (--export onnx-int8): x86 (U8 activations, S8 per-channel "
+        "weights, 7-bit weights where the exporting CPU lacks VNNI), arm (S8 activations and weights); auto: this "
+        "machine's architecture")
+    int8_calibration: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="onnxruntime's calibration method for the INT8 activation ranges; percentile and "
+        "entropy clip outliers; entropy takes minutes per model (ResNet-20: ~2 min against ~6 s for minmax)")
+    int8_calibration_images: int = Field(256, ge=1, description="training images that calibrate INT8")
 
 
 class BenchSetting(_Section):
@@ -169,14 +308,18 @@ class Recipe(_Section):
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    msg = first["msg"].removeprefix("Value error, ")
+    loc = first["loc"]
+    key = ".".join(str(part) for part in loc) or "(top level)"
+    # "a must be in (2, inf) for scad" under the key sparsity.a reads "sparsity.a: must be in ..."
+    msg = first["msg"].removeprefix("Value error, ").removeprefix(f"{loc[-1]} " if loc else "")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     elif first["type"] == "missing":
         msg = "required"
     extra = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    got = f" (got {first['input']!r})" if first["type"] not in ("extra_forbidden", "missing") else ""
+    # validators' own messages already end in ", got VALUE"
+    shows_input = first["type"] not in ("extra_forbidden", "missing") and ", got " not in msg
+    got = f" (got {first['input']!r})" if shows_input else ""
     return f"{source}: {key}: {msg}{got}{extra}"
 
 

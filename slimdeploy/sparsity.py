@@ -19,6 +19,7 @@ import fnmatch
 import torch
 from torch import nn
 
+from slimdeploy import penalties
 from slimdeploy.penalties import Penalty
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -39,15 +40,53 @@ def select_bns(model: nn.Module, include: list[str] = (), exclude: list[str] = (
 
 
 class Sparsifier:
-    """No penalty. Subclasses hook into the step; all keep their state in ``state_dict``."""
+    """No penalty. Subclasses act around the optimizer step; all keep their state in ``state_dict``.
+
+    :meth:`attach` hooks an optimizer, so a training loop needs no change: the pre-step hook runs after
+    backward (and after a GradScaler unscaled the gradients), the post-step hook after the update with
+    the learning rate of the γ's param group. A step a GradScaler skips never reaches either hook.
+    """
 
     method = "none"
 
     def __init__(self, model: nn.Module, penalty: Penalty | None = None, include=(), exclude=()):
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module  # BN names as in the plain model
         self.penalty = penalty
         self.bns = select_bns(model, include, exclude)
         self.gammas = [bn.weight for bn in self.bns.values()]
         self.sizes = [g.numel() for g in self.gammas]
+        self._optimizer, self._gamma_groups, self._hooks = None, [], []
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> "Sparsifier":
+        """Run :meth:`before_step` and :meth:`after_step` around every ``optimizer.step()``."""
+        self.remove()
+        group_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        missing = [name for name, g in zip(self.bns, self.gammas) if id(g) not in group_of]
+        if missing:
+            raise ValueError(f"{missing[0]}.weight (BN γ) is not in the optimizer's param groups; "
+                             f"build the optimizer over the model's parameters, or exclude that BN")
+        self._optimizer = optimizer
+        self._gamma_groups = sorted({group_of[id(g)] for g in self.gammas})
+        self._hooks = [
+            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.before_step()),
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: self.after_step(self.gamma_lr())),
+        ]
+        return self
+
+    def gamma_lr(self) -> float:
+        """The learning rate of the param group holding the regularised γ (one rate for all of them)."""
+        rates = {self._optimizer.param_groups[i]["lr"] for i in self._gamma_groups}
+        if len(rates) > 1:
+            raise ValueError(f"the regularised BN γ sit in param groups with different learning rates "
+                             f"{sorted(rates)}; put them in one group")
+        return float(rates.pop()) if rates else 0.0
+
+    def remove(self) -> None:
+        """Detach from the optimizer."""
+        for hook in self._hooks:
+            hook.remove()
+        self._optimizer, self._gamma_groups, self._hooks = None, [], []
 
     def flat_gamma(self) -> torch.Tensor:
         if not self.gammas:
@@ -104,7 +143,7 @@ class ProximalSparsifier(Sparsifier):
 
     @torch.no_grad()
     def after_step(self, lr: float) -> None:
-        if not self.gammas:
+        if not self.gammas or lr <= 0:  # a step of size 0 moved no γ; ξ stays as it is
             return
         alpha, beta = 1.0 / lr, self.beta
         w = alpha / (alpha + beta)
@@ -159,14 +198,34 @@ class ProxSGDSparsifier(Sparsifier):
         torch._foreach_copy_(self.gammas, [x.view_as(g) for x, g in zip(new.split(self.sizes), self.gammas)])
 
 
-def make_sparsifier(model: nn.Module, cfg) -> Sparsifier:
-    """The sparsifier a recipe's ``sparsity`` section describes."""
-    args = dict(include=cfg.include, exclude=cfg.exclude)
-    if cfg.method == "none":
-        return Sparsifier(model, None, **args)
-    penalty = cfg.make_penalty()
-    if cfg.method == "subgradient":
-        return SubgradientSparsifier(model, penalty, **args)
-    if cfg.method == "proximal":
-        return ProximalSparsifier(model, penalty, cfg.beta, **args)
-    return ProxSGDSparsifier(model, penalty, **args)
+SPARSIFIERS: dict[str, type[Sparsifier]] = {
+    cls.method: cls for cls in (Sparsifier, SubgradientSparsifier, ProximalSparsifier, ProxSGDSparsifier)
+}
+
+
+def make_sparsifier(
+    model: nn.Module,
+    method: str = "subgradient",
+    penalty: str | Penalty = "l1",
+    lam: float = 1e-4,
+    *,
+    p: float = 0.5,
+    a: float | None = None,
+    beta: float = 100.0,
+    include=(),
+    exclude=(),
+) -> Sparsifier:
+    """The sparsifier ``method`` (one of :data:`SPARSIFIERS`) with a penalty on the selected BN γ.
+
+    ``penalty`` is a :class:`Penalty` or a name for :func:`slimdeploy.penalties.get` with ``lam``, ``p``
+    (lp) and ``a`` (tl1, mcp, scad; None: the penalty's default). ``beta`` is proximal NS's coupling.
+    """
+    if method not in SPARSIFIERS:
+        raise ValueError(f"unknown sparsity method {method!r}; allowed: {', '.join(SPARSIFIERS)}")
+    if method == "none":
+        return Sparsifier(model, None, include, exclude)
+    if not isinstance(penalty, Penalty):
+        penalty = penalties.get(penalty, lam, p=p, a=a)
+    if method == "proximal":
+        return ProximalSparsifier(model, penalty, beta, include, exclude)
+    return SPARSIFIERS[method](model, penalty, include, exclude)

@@ -3,11 +3,13 @@ atomic, resumable checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,14 +21,16 @@ from torch import nn
 from tqdm import tqdm
 
 from slimdeploy.data import Dataset, Normalize, Split, eval_batches, steps_per_epoch, train_batches
+from slimdeploy.errors import SlimdeployError
+from slimdeploy.outputs import main_logits
 from slimdeploy.sparsity import Sparsifier
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(SlimdeployError, RuntimeError):
     """The loss became NaN or infinite."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SlimdeployError, RuntimeError):
     """A checkpoint file cannot be read."""
 
 
@@ -36,6 +40,7 @@ class TrainResult:
     seconds: float
     accuracy: float | None
     history: list[dict] = field(default_factory=list)
+    precision: str = "fp32"  # what the training steps ran in (see resolve_precision)
 
 
 def lr_factor(cfg, progress: float) -> float:
@@ -56,6 +61,53 @@ def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     return torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
     )
+
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 units that compute bf16 faster than fp32
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags: /proc/cpuinfo where there is one, and torch's own detection."""
+    flags = {name for name, present in torch.cpu.get_capabilities().items() if present is True}
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        return flags
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return flags | set(line.partition(":")[2].split())
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """What ``train.precision`` means on this device: fp32, bf16 (autocast) or fp16 (autocast, loss scaling).
+
+    auto is bf16 on CPUs with native bf16 units, fp16 on CUDA, fp32 otherwise. fp16 needs CUDA: on
+    other devices it falls back to fp32, with a warning, as ``amp: true`` always did.
+    """
+    if precision == "auto":
+        if device_type == "cuda":
+            return "fp16"
+        native_bf16 = device_type == "cpu" and not cpu_flags().isdisjoint(NATIVE_BF16_FLAGS)
+        return "bf16" if native_bf16 else "fp32"
+    if precision == "fp16" and device_type != "cuda":
+        warnings.warn(f"precision fp16 needs CUDA; training on {device_type} in fp32 (bf16 is the CPU's "
+                      f"half precision)", stacklevel=2)
+        return "fp32"
+    return precision
+
+
+def autocast(device_type: str, precision: str):
+    """The forward pass's context: autocast to bf16/fp16; parameters and optimizer state stay fp32."""
+    dtype = AUTOCAST_DTYPES[precision]
+    return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def use_channels_last(setting: bool | str, device_type: str, precision: str) -> bool:
+    """``data.channels_last`` resolved: auto is on, except on CUDA in fp32, where NHWC rarely pays."""
+    if setting != "auto":
+        return bool(setting)
+    return device_type != "cuda" or resolve_precision(precision, device_type) != "fp32"
 
 
 @torch.no_grad()
@@ -151,13 +203,15 @@ def train(
     """
     inner = unwrap(model)
     optimizer = make_optimizer(inner, cfg)
+    sparsifier.attach(optimizer)
     batch_size = min(batch_size, len(data.train) // world)
     per_epoch = steps_per_epoch(data.train, batch_size, world)
     total_steps = max(cfg.epochs * per_epoch, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step / total_steps))
     device_type = torch.device(normalize.device).type
-    use_amp = cfg.amp and device_type == "cuda"  # float16 autocast with loss scaling; CPU trains in float32
-    scaler = torch.amp.GradScaler(device_type, enabled=use_amp)
+    precision = resolve_precision(cfg.precision, device_type)
+    # only fp16 needs loss scaling: bf16 has float32's exponent range
+    scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
     epoch, start_step, seconds, history = 0, 0, 0.0, []
     loss_sum, seen = torch.zeros((), dtype=torch.float64), 0
 
@@ -177,7 +231,8 @@ def train(
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             sparsifier.load_state_dict(state["sparsifier"])
-            scaler.load_state_dict(state["scaler"])
+            if state["scaler"]:  # empty when the run was written without loss scaling
+                scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"{checkpoint}: does not fit this model ({type(err).__name__})") from None
         _set_rng_state(state["rng"])
@@ -214,8 +269,8 @@ def train(
                    disable=not progress, leave=False)
         for step, (images, labels) in enumerate(bar, start=start_step):
             labels = labels.to(normalize.device, non_blocking=True)
-            with torch.autocast(device_type, dtype=torch.float16, enabled=use_amp):
-                loss = F.cross_entropy(model(normalize(images)), labels)
+            with autocast(device_type, precision):
+                loss = F.cross_entropy(main_logits(model(normalize(images))), labels)
             finite = torch.isfinite(loss.detach())
             if world > 1:  # every rank stops together, none is left waiting in an allreduce
                 finite = finite.to(torch.uint8)
@@ -227,14 +282,11 @@ def train(
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)  # the penalty's gradient joins the true, unscaled gradients
-            sparsifier.before_step()
+            # The sparsifier's hooks run inside optimizer.step(): after the scaler unscaled the gradients,
+            # and not at all when the scaler skips the step for inf/NaN gradients.
             lr = optimizer.param_groups[0]["lr"]
-            scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
-            if scaler.get_scale() >= scale:  # the step was taken (not skipped for inf/NaN gradients)
-                sparsifier.after_step(lr)
             scheduler.step()
             loss_sum += loss.detach().double().cpu() * len(labels)
             seen += len(labels)
@@ -253,6 +305,7 @@ def train(
                 "test_acc": accuracy,
                 "penalty": sparsifier.penalty_value(),
                 "lr": optimizer.param_groups[0]["lr"],
+                "precision": precision,
             }
         )
         if progress:
@@ -265,4 +318,4 @@ def train(
         save(epoch, 0)
     if accuracy is None:
         accuracy = evaluate(model, data.test, normalize, eval_batch_size)
-    return TrainResult(cfg.epochs, seconds, accuracy, history)
+    return TrainResult(cfg.epochs, seconds, accuracy, history, precision)

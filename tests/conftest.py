@@ -1,11 +1,10 @@
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end subprocess runs and tests over ~3 s; "
+                            "deselect with -m 'not slow'")
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import torch
 
 from slimdeploy.data import DataError, Normalize, augment, load_cifar, make_synthetic
 from slimdeploy.models import build_model
-from slimdeploy.recipe import FinetuneCfg, SparsityCfg
+from slimdeploy.recipe import FinetuneCfg
 from slimdeploy.sparsity import make_sparsifier
 from slimdeploy.train import CheckpointError, TrainingDiverged, load_checkpoint, save_atomic, train
 
@@ -21,13 +21,14 @@ def test_synthetic_is_deterministic_and_balanced():
     assert len(a.train.labels.unique()) == 10
 
 
-def test_augment_is_a_per_image_shifted_crop_or_flip():
-    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8) + 1
+@pytest.mark.parametrize("h, w", [(8, 8), (6, 10)])
+def test_augment_is_a_per_image_shifted_crop_or_flip(h, w):
+    images = torch.arange(2 * 3 * h * w, dtype=torch.float32).reshape(2, 3, h, w) + 1
     out = augment(images, torch.Generator().manual_seed(0), pad=2)
     assert out.shape == images.shape
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     for i in range(2):
-        windows = [padded[i, :, y:y + 8, x:x + 8] for y in range(5) for x in range(5)]
+        windows = [padded[i, :, y:y + h, x:x + w] for y in range(5) for x in range(5)]
         assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
 
 
@@ -70,33 +71,37 @@ def _setup(seed=0):
     torch.manual_seed(seed)
     data = make_synthetic(num_classes=4, image_size=16, train_size=256, test_size=64, seed=0)
     model = build_model("resnet20", 4)
-    sp = make_sparsifier(model, SparsityCfg(method="proximal", penalty="tl1", lam=0.05, a=1.0, beta=10.0))
+    sp = make_sparsifier(model, "proximal", "tl1", 0.05, a=1.0, beta=10.0)
     return data, model, sp
 
 
-def _cfg(epochs):
-    return FinetuneCfg(epochs=epochs, lr=0.05, schedule="multistep", milestones=[0.5], checkpoint_steps=3)
+def _cfg(epochs, precision="fp32"):
+    return FinetuneCfg(epochs=epochs, lr=0.05, schedule="multistep", milestones=[0.5], checkpoint_steps=3,
+                       precision=precision)
 
 
-def _train(data, model, sp, epochs, ckpt, resume=False):
-    return train(model, data, _cfg(epochs),
+def _train(data, model, sp, epochs, ckpt, resume=False, precision="fp32"):
+    return train(model, data, _cfg(epochs, precision),
                  batch_size=32, eval_batch_size=64, augment=True, normalize=Normalize(data.mean, data.std, "cpu"),
                  sparsifier=sp, seed=0, checkpoint=ckpt, resume=resume, progress=False)
 
 
+@pytest.mark.slow
 def test_training_lowers_loss_on_synthetic_data():
     data, model, sp = _setup()
     res = _train(data, model, sp, 3, None)
     assert res.history[-1]["train_loss"] < 0.7 * res.history[0]["train_loss"]
 
 
-def test_resume_is_bit_identical_to_uninterrupted(tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_bit_identical_to_uninterrupted(tmp_path, precision):
     torch.set_num_threads(1)
     data, model_a, sp_a = _setup()
-    _train(data, model_a, sp_a, 4, tmp_path / "a.pt")
+    _train(data, model_a, sp_a, 4, tmp_path / "a.pt", precision=precision)
 
     data, model_b, sp_b = _setup()
-    cfg_stop = _cfg(4)
+    cfg_stop = _cfg(4, precision)
     # stop right after the 4th checkpoint, in the middle of epoch 2 (8 steps an epoch, one every 3)
     from slimdeploy import train as train_mod
 
@@ -124,7 +129,7 @@ def test_resume_is_bit_identical_to_uninterrupted(tmp_path):
 
     # a fresh process state: new model, new sparsifier, different global RNG
     data, model_c, sp_c = _setup(seed=123)
-    _train(data, model_c, sp_c, 4, tmp_path / "b.pt", resume=True)
+    _train(data, model_c, sp_c, 4, tmp_path / "b.pt", resume=True, precision=precision)
     for (k, a), b in zip(model_a.state_dict().items(), model_c.state_dict().values()):
         assert torch.equal(a, b), k
     for a, b in zip(sp_a.xi, sp_c.xi):
@@ -148,3 +153,83 @@ def test_nan_loss_stops_with_epoch_and_step(tmp_path):
     with pytest.raises(TrainingDiverged, match="epoch 1, step 1"):
         _train(data, model, sp, 1, tmp_path / "c.pt")
     assert not (tmp_path / "c.pt").exists()
+
+
+def test_cpu_flags_read_cpuinfo_and_torch(tmp_path, monkeypatch):
+    from slimdeploy import train as train_mod
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\nbugs\t\t: spectre_v1\n")
+    monkeypatch.setattr(train_mod, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True, "amx_tile": False, "l2_cache_size": 1})
+    assert train_mod.cpu_flags() == {"fpu", "avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+    monkeypatch.setattr(train_mod, "CPUINFO", tmp_path / "absent")
+    assert train_mod.cpu_flags() == {"amx_bf16"}
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx512f", "avx512_bf16"}, "bf16"), ({"amx_bf16"}, "bf16"),
+                                             ({"avx2", "avx512f", "avx512_vnni"}, "fp32"), (set(), "fp32")])
+def test_auto_precision_follows_the_cpu_flags(monkeypatch, flags, expected):
+    from slimdeploy import train as train_mod
+
+    monkeypatch.setattr(train_mod, "cpu_flags", lambda: flags)
+    assert train_mod.resolve_precision("auto", "cpu") == expected
+    assert train_mod.resolve_precision("auto", "cuda") == "fp16"
+    assert train_mod.resolve_precision("auto", "mps") == "fp32"
+    assert [train_mod.resolve_precision(p, "cpu") for p in ("fp32", "bf16")] == ["fp32", "bf16"]
+    assert [train_mod.resolve_precision(p, "cuda") for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+
+
+def test_fp16_on_cpu_falls_back_to_fp32_with_a_warning():
+    from slimdeploy.train import resolve_precision
+
+    with pytest.warns(UserWarning, match="fp16 needs CUDA"):
+        assert resolve_precision("fp16", "cpu") == "fp32"
+
+
+@pytest.mark.parametrize("setting, device, precision, expected", [
+    ("auto", "cpu", "fp32", True), ("auto", "cpu", "auto", True), ("auto", "cuda", "auto", True),
+    ("auto", "cuda", "bf16", True), ("auto", "cuda", "fp32", False), (False, "cpu", "auto", False),
+    (True, "cuda", "fp32", True),
+])
+def test_channels_last_auto(setting, device, precision, expected):
+    from slimdeploy.train import use_channels_last
+
+    assert use_channels_last(setting, device, precision) is expected
+
+
+def test_precision_and_channels_last_keys():
+    from slimdeploy.recipe import RecipeError, build_recipe
+
+    recipe = build_recipe({})
+    assert (recipe.train.precision, recipe.finetune.precision, recipe.data.channels_last) == ("auto", "auto", "auto")
+    recipe = build_recipe({}, ["train.amp=true", "finetune.precision=bf16", "data.channels_last=false"])
+    assert (recipe.train.amp, recipe.train.precision, recipe.finetune.precision) == (True, "auto", "bf16")
+    assert recipe.data.channels_last is False
+    with pytest.raises(RecipeError, match=r"train\.precision: .*amp"):
+        build_recipe({}, ["train.amp=true", "train.precision=fp32"])
+    with pytest.raises(RecipeError, match=r"finetune\.precision: .*'auto', 'fp32', 'bf16' or 'fp16'"):
+        build_recipe({}, ["finetune.precision=half"])
+    with pytest.raises(RecipeError, match=r"data\.channels_last: must be true, false or auto"):
+        build_recipe({}, ["data.channels_last=nhwc"])
+
+
+@pytest.mark.slow
+def test_bf16_training_autocasts_while_state_stays_fp32(tmp_path):
+    _, model, sp = _setup()
+    data = make_synthetic(num_classes=4, image_size=16, train_size=64, test_size=16, seed=0)  # two steps
+    model = model.to(memory_format=torch.channels_last)
+    seen = []  # (training?, dtype) of the first conv's output
+    model.conv1.register_forward_hook(lambda mod, args, out: seen.append((mod.training, out.dtype)))
+    res = train(model, data, _cfg(1, "bf16"), batch_size=32, eval_batch_size=64, augment=True,
+                normalize=Normalize(data.mean, data.std, "cpu", channels_last=True), sparsifier=sp, seed=0,
+                checkpoint=tmp_path / "ck.pt", progress=False)
+    assert {dtype for training, dtype in seen if training} == {torch.bfloat16}
+    assert {dtype for training, dtype in seen if not training} == {torch.float32}  # evaluation stays fp32
+    assert res.precision == "bf16" and [h["precision"] for h in res.history] == ["bf16"]
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    state = load_checkpoint(tmp_path / "ck.pt")
+    momenta = [s["momentum_buffer"] for s in state["optimizer"]["state"].values()]
+    assert momenta and all(m.dtype == torch.float32 for m in momenta)
+    assert all(xi.dtype == torch.float32 for xi in [*sp.xi, *state["sparsifier"]["xi"].values()])
+    assert not torch.equal(sp.flat_xi(), sp.flat_gamma())  # ξ moved: the prox ran on fp32 state

@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,6 +16,7 @@ SETTINGS = ["data.train_size=512", "data.test_size=64", "data.image_size=16", "d
             "sparsity.lam=0.05", "sparsity.beta=10"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
     spy_dir, out = tmp_path / "spy", tmp_path / "run"
     spy_dir.mkdir()

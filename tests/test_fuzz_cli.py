@@ -4,6 +4,7 @@ stderr naming the key or path, never a traceback, and no run directory."""
 import importlib.util
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -85,6 +86,7 @@ def unknown_key(draw):
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
+@pytest.mark.slow
 @FUZZ
 @given(case=st.one_of(out_of_range(), wrong_type(), unknown_key()))
 def test_bad_recipes_exit_2_naming_the_key(tmp_path, capsys, case):

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from slimdeploy.train import load_checkpoint
@@ -27,6 +28,7 @@ def _cmd(out, *extra):
     return cmd
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(_cmd(whole), env=ENV, check=True, capture_output=True, timeout=600)

@@ -194,6 +194,7 @@ def cases(draw, name):
     return {"a": a}, lam, step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PENALTY_NAMES)
 @HYP
 @given(data=st.data())
@@ -267,6 +268,7 @@ def test_prox_zero_dtype_shape(name, prm, dtype):
     assert val.dtype == dtype and val.dim() == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PENALTY_NAMES)
 @HYP
 @given(data=st.data())

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import onnx
+import pytest
 import torch
 
 from slimdeploy.pipeline import load_pruned
@@ -19,6 +20,7 @@ FAST = [
 ]
 
 
+@pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, str(ROOT / "tools" / "compress.py"), str(ROOT / "recipes" / "quickstart.yaml"),
@@ -83,6 +85,7 @@ def test_quickstart_end_to_end(tmp_path):
     assert lines[4].startswith("| report | subgradient L1, λ=")
 
 
+@pytest.mark.slow
 def test_int8_export_reports_accuracy_and_latency(tmp_path):
     out = tmp_path / "run8"
     args = [sys.executable, str(ROOT / "tools" / "compress.py"), str(ROOT / "recipes" / "quickstart.yaml"),

@@ -52,6 +52,7 @@ def _cli(*args, cwd=ROOT):
                           capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "text, args, key",
     [
@@ -77,11 +78,13 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, text, args, key):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cli_missing_recipe_file(tmp_path):
     res = _cli(str(tmp_path / "nope.yaml"))
     assert res.returncode == 2 and "nope.yaml" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_missing_cifar_says_where_and_how(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model: {name: resnet20}\ndata: {name: cifar10}\n")
@@ -91,6 +94,7 @@ def test_cli_missing_cifar_says_where_and_how(tmp_path):
     assert "cifar-10-batches-py" in line and "data.name=synthetic" in line and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_paper_recipes_start():
     """Every paper recipe loads, and its model and sparsifier take one training step."""
     import torch
@@ -110,7 +114,7 @@ def test_paper_recipes_start():
         if key not in models:
             models[key] = build_model(r.model.name, classes, bn_init=r.model.bn_init)
         model = models[key]
-        sparsifier = make_sparsifier(model, r.sparsity)
+        sparsifier = make_sparsifier(model, **r.sparsity.model_dump())
         optimizer = make_optimizer(model, r.train)
         loss = model(torch.randn(2, 3, 32, 32)).logsumexp(1).mean()
         loss.backward()

@@ -1,5 +1,6 @@
 """Sparsifiers: the subgradient step, the proximal NS splitting, prox-SGD, and their state."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -9,7 +10,7 @@ from slimdeploy.graph import build_graph, channel_groups
 from slimdeploy.models import build_model
 from slimdeploy.plan import make_plan
 from slimdeploy.prune import apply_plan
-from slimdeploy.recipe import FinetuneCfg, PruneCfg, SparsityCfg
+from slimdeploy.recipe import FinetuneCfg
 from slimdeploy.sparsity import (
     ProximalSparsifier,
     ProxSGDSparsifier,
@@ -70,16 +71,17 @@ def test_prox_sgd_applies_prox_with_lr():
 
 def test_proximal_state_roundtrip():
     net = _net()
-    cfg = SparsityCfg(method="proximal", penalty="scad", lam=0.1, a=3.7, beta=1.0)
-    sp = make_sparsifier(net, cfg)
+    cfg = dict(method="proximal", penalty="scad", lam=0.1, a=3.7, beta=1.0)
+    sp = make_sparsifier(net, **cfg)
     sp.after_step(0.1)
     state = sp.state_dict()
-    other = make_sparsifier(_net(), cfg)
+    other = make_sparsifier(_net(), **cfg)
     other.load_state_dict(state)
     for a, b in zip(sp.xi, other.xi):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_proximal_ns_reaches_exact_zeros_and_pruning_them_keeps_accuracy():
     """Proximal NS on a small seeded synthetic run: a good share of ξ becomes exactly 0, and removing
     exactly those channels (no threshold, no fine-tuning; BN-bias compensation on) moves test accuracy
@@ -89,7 +91,7 @@ def test_proximal_ns_reaches_exact_zeros_and_pruning_them_keeps_accuracy():
     torch.manual_seed(0)
     model = build_model("resnet20", 4, bn_init=0.2)
     norm = Normalize(data.mean, data.std, "cpu")
-    sp = make_sparsifier(model, SparsityCfg(method="proximal", penalty="l1", lam=0.3, beta=300.0))
+    sp = make_sparsifier(model, "proximal", "l1", 0.3, beta=300.0)
     cfg = FinetuneCfg(epochs=10, lr=0.1, schedule="cosine")
     res = train(model, data, cfg, batch_size=16, eval_batch_size=256, augment=False, normalize=norm,
                 sparsifier=sp, seed=0, progress=False)
@@ -98,7 +100,7 @@ def test_proximal_ns_reaches_exact_zeros_and_pruning_them_keeps_accuracy():
     assert summary["gamma_max_abs_at_xi_zero"] < 0.01, summary
     model.eval()
     groups = channel_groups(model, build_graph(model, torch.randn(1, 3, 16, 16)))
-    plan = make_plan(groups, sp.scores(), PruneCfg(how="zeros"), model_name="resnet20", num_classes=4,
+    plan = make_plan(groups, sp.scores(), how="zeros", model_name="resnet20", num_classes=4,
                      input_shape=(3, 16, 16))
     assert plan.channels_kept <= 0.7 * plan.channels_total
     pruned = apply_plan(model, plan, calibration=norm(data.train.images[:64]))

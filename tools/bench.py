@@ -1,11 +1,11 @@
-"""Interleaved ONNX Runtime benchmark: python tools/bench.py A.onnx B.onnx [--json out.json]."""
+"""Interleaved ONNX Runtime benchmark: python tools/bench.py A.onnx B.onnx [--json out.json].
 
-import sys
+Runs slimdeploy/ortbench.py as the single file it is (numpy and onnxruntime only), without importing
+the slimdeploy package, which needs torch.
+"""
+
+import runpy
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from slimdeploy.ortbench import main  # noqa: E402  (needs numpy + onnxruntime only)
-
 if __name__ == "__main__":
-    sys.exit(main())
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "slimdeploy" / "ortbench.py"), run_name="__main__")

@@ -34,27 +34,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from slimdeploy.recipe import RecipeError, load_recipe
+    from slimdeploy import pipeline
+    from slimdeploy.errors import SlimdeployError
+    from slimdeploy.recipe import load_recipe
 
+    out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
-
-    from slimdeploy import pipeline
-    from slimdeploy.data import DataError
-    from slimdeploy.export import ExportMismatchError
-    from slimdeploy.graph import GraphError
-    from slimdeploy.train import CheckpointError, TrainingDiverged
-
-    try:
         result = pipeline.run(recipe, out, recipe_name=Path(args.recipe).stem, export_format=args.export,
                               resume=args.resume, progress=not args.quiet)
-    except (DataError, GraphError, ExportMismatchError, CheckpointError, TrainingDiverged) as err:
+    except SlimdeployError as err:  # 2 for input the user can fix, 1 for failures at run time
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return err.exit_code
     except OSError as err:
         print(f"error: {err.filename or out}: {err.strerror}", file=sys.stderr)
         return 1

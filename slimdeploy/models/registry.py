@@ -3,17 +3,24 @@
 Names:
     ``vgg11, vgg13, vgg16, vgg19, resnet20, resnet56, resnet110, resnet164,
     densenet40`` - the built-in CIFAR (32x32) models;
-    ``torchvision:<builder>`` - a torchvision classification builder, built
-    with ``weights=None`` (nothing is downloaded).
+    ``torchvision:<builder>`` - a torchvision classification builder (pretrained weights only from
+    torch hub's cache: nothing is downloaded);
+    ``package.module:factory`` or ``path/to/file.py:factory`` - a user's own model factory.
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from slimdeploy.errors import ModelError
+from slimdeploy.imports import is_import_path, resolve
 
 from . import cifar_densenet, cifar_resnet, cifar_vgg
 
@@ -33,7 +40,8 @@ _BUILTINS: dict[str, Callable[..., nn.Module]] = {
 
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILTINS)
 
-_ALLOWED_TEXT = ", ".join(MODEL_NAMES) + ", " + TORCHVISION_PREFIX + "<builder>"
+MODEL_CHOICES = (", ".join(MODEL_NAMES) + ", " + TORCHVISION_PREFIX + "<builder>, package.module:factory, "
+                 "path/to/file.py:factory")
 
 
 def torchvision_builders() -> tuple[str, ...]:
@@ -56,19 +64,19 @@ def is_known_model(name: str) -> bool:
 
 def _check_name(name: str) -> None:
     if not isinstance(name, str):
-        raise ValueError(f"unknown model {name!r}; allowed: {_ALLOWED_TEXT}")
+        raise ModelError(f"unknown model {name!r}; allowed: {MODEL_CHOICES}")
     if name in _BUILTINS:
         return
     if name.startswith(TORCHVISION_PREFIX):
         builder = name[len(TORCHVISION_PREFIX):]
         builders = torchvision_builders()
         if builder not in builders:
-            raise ValueError(
+            raise ModelError(
                 f"unknown torchvision builder {builder!r} in model {name!r}; "
                 f"allowed builders: {', '.join(builders)}"
             )
         return
-    raise ValueError(f"unknown model {name!r}; allowed: {_ALLOWED_TEXT}")
+    raise ModelError(f"unknown model {name!r}; allowed: {MODEL_CHOICES}")
 
 
 def init_weights(model: nn.Module) -> None:
@@ -148,40 +156,155 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
     raise ValueError(f"cannot set in_channels={in_channels} for {type(model).__name__}: no stem Conv2d found")
 
 
+def _torchvision_weights(builder: str, weights: str):
+    """torchvision's weights enum entry ``weights`` (``DEFAULT`` or a name like ``IMAGENET1K_V1``)."""
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(builder)
+    except (ValueError, KeyError):
+        raise ModelError(f"model.weights: torchvision builder {builder!r} has no pretrained weights") from None
+    if weights == "DEFAULT":
+        return enum.DEFAULT
+    if weights not in enum.__members__:
+        raise ModelError(f"model.weights: {weights!r} is not a weights name of {builder}; "
+                         f"allowed: DEFAULT, {', '.join(enum.__members__)}, or a state_dict file")
+    return enum[weights]
+
+
+def _torchvision_state_dict(builder: str, weights: str) -> dict:
+    """The pretrained state_dict from torch hub's cache; nothing is downloaded."""
+    entry = _torchvision_weights(builder, weights)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(entry.url).path).name
+    if not cached.is_file():
+        raise ModelError(f"model.weights: {builder} {entry} is not in torch hub's cache; "
+                         f"put {entry.url} at {cached} (or set TORCH_HOME)")
+    return load_state_dict_file(cached, "model.weights")
+
+
+def load_state_dict_file(path, what: str = "model.weights") -> dict:
+    """A state_dict from ``path``: the file itself, or a checkpoint holding one under ``state_dict`` or
+    ``model``. Loaded with ``weights_only=True``: nothing in the file is executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{what}: file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ModelError(f"{what}: {path} is not a weights_only-loadable torch file "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"{what}: {path} holds no state_dict (a dict of tensors, or one under "
+                         f"'state_dict' or 'model')")
+    return {k.removeprefix("module."): v for k, v in obj.items()}  # saved from DDP
+
+
+def load_weights(model: nn.Module, state_dict: dict, what: str = "model.weights") -> None:
+    """Strict load; a mismatch is one line naming the first missing and unexpected keys or shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing (first {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected (first {unexpected[0]})" if unexpected else "",
+                 f"{len(shapes)} of other shape (first {shapes[0]})" if shapes else ""]
+        raise ModelError(f"{what}: weights do not fit {type(model).__name__}: "
+                         + "; ".join(p for p in parts if p))
+    model.load_state_dict(state_dict)
+
+
+def output_classes(model: nn.Module) -> int | None:
+    """Outputs of the last Linear layer (None without one)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+def replace_classifier(model: nn.Module, num_classes: int) -> None:
+    """Swap the last Linear layer for a freshly initialised one with ``num_classes`` outputs."""
+    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    old = model.get_submodule(name)
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    model.set_submodule(name, new.to(old.weight.device, old.weight.dtype))
+
+
+def _from_factory(name: str, kwargs: dict) -> nn.Module:
+    factory = resolve(name, "model.name")
+    try:
+        model = factory(**kwargs)
+    except Exception as err:
+        raise ModelError(f"model.name: {name}(**{kwargs}) raised {type(err).__name__}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model.name: {name} returned a {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
 def build_model(
     name: str,
     num_classes: int,
     *,
     bn_init: float | None = None,
     in_channels: int = 3,
+    kwargs: dict | None = None,
+    weights: str | None = None,
 ) -> nn.Module:
     """Build a model by name.
 
     Args:
-        name: a built-in name (see ``MODEL_NAMES``) or ``torchvision:<builder>``.
-        num_classes: number of output classes.
-        bn_init: if given, every BatchNorm weight (gamma) is initialised to this
-            value (network slimming uses 0.5); ``None`` keeps 1.0.
-        in_channels: number of input channels.
+        name: a built-in name (see ``MODEL_NAMES``), ``torchvision:<builder>``, or a user factory's
+            import path ``package.module:factory`` / ``path/to/file.py:factory``.
+        num_classes: number of output classes. With ``weights`` trained for another number, the last
+            Linear layer is replaced by a new one (fine-tuning to new classes).
+        bn_init: if given, every BatchNorm weight (gamma) is initialised to this value (network
+            slimming uses 0.5); ``None`` keeps 1.0. Not applied over ``weights``.
+        in_channels: number of input channels (built-in and torchvision models).
+        kwargs: keyword arguments of the builder or factory.
+        weights: a state_dict file (or a checkpoint with one under ``state_dict``/``model``), or for
+            torchvision builders ``DEFAULT`` / a weights enum name, read from torch hub's cache.
     """
-    _check_name(name)
+    kwargs = dict(kwargs or {})
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if int(in_channels) < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
     num_classes, in_channels = int(num_classes), int(in_channels)
-
-    if name in _BUILTINS:
-        model = _BUILTINS[name](num_classes=num_classes, in_channels=in_channels)
-        init_weights(model)
+    pretrained = None
+    if is_import_path(name):
+        model = _from_factory(name, kwargs)
     else:
-        import torchvision
+        _check_name(name)
+        if name in _BUILTINS:
+            model = _BUILTINS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+            init_weights(model)
+        else:
+            import torchvision
 
-        builder = name[len(TORCHVISION_PREFIX):]
-        model = torchvision.models.get_model(builder, weights=None, num_classes=num_classes)
-        if in_channels != 3:
-            _replace_first_conv(model, in_channels)
-
-    if bn_init is not None:
+            builder = name[len(TORCHVISION_PREFIX):]
+            classes = num_classes
+            if weights and is_weights_name(weights):  # the head the pretrained weights were trained with
+                pretrained = _torchvision_state_dict(builder, weights)
+                classes = len(_torchvision_weights(builder, weights).meta["categories"])
+            model = torchvision.models.get_model(builder, weights=None, num_classes=classes, **kwargs)
+            if in_channels != 3:
+                _replace_first_conv(model, in_channels)
+    if weights:
+        load_weights(model, pretrained if pretrained is not None else load_state_dict_file(weights))
+    classes = output_classes(model)
+    if classes is not None and classes != num_classes:
+        if not weights:
+            raise ModelError(f"model.name: {name} outputs {classes} classes but the data has {num_classes}; "
+                             f"set the factory's argument in model.kwargs")
+        replace_classifier(model, num_classes)
+    if bn_init is not None and not weights:
         set_bn_weight(model, bn_init)
     return model
+
+
+def is_weights_name(weights: str) -> bool:
+    """``DEFAULT`` or a torchvision weights enum name (``IMAGENET1K_V1``), as opposed to a file."""
+    return re.fullmatch(r"[A-Z][A-Z0-9_]*", weights) is not None and not Path(weights).exists()

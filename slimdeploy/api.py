@@ -1,0 +1,184 @@
+"""The library API, for a user's own model, data and training loop (``import slimdeploy as sd``).
+
+    handle = sd.sparsify(model, optimizer, method="proximal", penalty="l1", lam=1e-4)
+    ...                                      # the user's own loop, unchanged
+    pruned, plan = sd.prune(model, example_inputs, scores=handle.scores(), amount=0.5, round_to="auto")
+    sd.save_pruned("pruned.pt", pruned, plan); model = sd.load_pruned("pruned.pt")
+    sd.export_onnx(pruned, "pruned.onnx", example_inputs)
+    sd.benchmark(["dense.onnx", "pruned.onnx"])
+
+The recipe pipeline is a composition of these same calls.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimdeploy import ortbench
+from slimdeploy.errors import InputError
+from slimdeploy.export import ExportCheck, verify_onnx
+from slimdeploy.export import export_onnx as _export
+from slimdeploy.graph import build_graph, channel_groups
+from slimdeploy.models.registry import output_classes
+from slimdeploy.plan import ChannelPlan, make_plan
+from slimdeploy.prune import apply_plan, rebuild_pruned, removed_bn_channels
+from slimdeploy.sparsity import Sparsifier, make_sparsifier, select_bns
+
+COMPENSATIONS = ("exact", "bias", "none")
+PRUNED_FORMAT = "slimdeploy.pruned/1"
+
+
+def sparsify(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    method: str = "subgradient",
+    penalty: str = "l1",
+    lam: float = 1e-4,
+    *,
+    p: float = 0.5,
+    a: float | None = None,
+    beta: float = 100.0,
+    include=(),
+    exclude=(),
+) -> Sparsifier:
+    """Put a sparsity penalty on the BN γ of ``model`` (plain or DDP-wrapped) by hooking ``optimizer``.
+
+    ``method``: ``subgradient`` (adds λ∂p(γ) to the gradients before each step), ``proximal`` (proximal
+    NS: γ/ξ splitting with coupling ``beta``; ξ reaches exact zeros) or ``prox_sgd`` (prox on γ after each
+    step). ``penalty``: ``l1``, ``lp`` (exponent ``p``), ``tl1``, ``mcp``, ``scad`` (``a``; None: the
+    penalty's default). ``include``/``exclude``: fnmatch patterns of BN module names. The learning rate is
+    read from γ's param group at every step; a step a GradScaler skips is skipped here too.
+
+    Returns the handle: ``.scores()`` (per-BN channel scores for :func:`prune`), ``.state_dict()`` /
+    ``.load_state_dict()`` (ξ of proximal NS, for checkpoints), ``.remove()`` (detach the hooks).
+    """
+    sparsifier = make_sparsifier(model, method, penalty, lam, p=p, a=a, beta=beta, include=include, exclude=exclude)
+    return sparsifier.attach(optimizer)
+
+
+@dataclass
+class PruneOutcome:
+    model: nn.Module
+    plan: ChannelPlan
+    zeroed_bn_channels: dict[str, list[int]]  # per BN, the channels the plan removes (dense indices)
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    scores=None,
+    how: str = "percent",
+    amount: float = 0.5,
+    round_to: int | str | None = None,
+    min_channels: int = 1,
+    compensate: str = "exact",
+    calibration: torch.Tensor | None = None,
+    *,
+    score_reduce: str = "max",
+    model_name: str | None = None,
+    model_kwargs: dict | None = None,
+) -> tuple[nn.Module, ChannelPlan]:
+    """Physically remove channels from a copy of ``model``; returns ``(pruned_model, plan)``.
+
+    ``example_inputs``: a batch [N, C, H, W] of the input size the model is deployed at (the graph is
+    traced with it, once). ``scores``: per-BN channel scores (a dict, or the handle of :func:`sparsify`);
+    None means |γ| of every affine BN. ``how``/``amount``: ``percent`` removes the ``amount`` share of the
+    lowest-scoring channels, ``threshold`` those below ``amount``, ``zeros`` those scoring exactly 0
+    (proximal NS). ``round_to``: kept widths a multiple of N (``"auto"``: the CPU's SIMD block).
+    ``compensate``: what removed channels still fed forward (their BN shift β) is folded into the next
+    layers: ``exact`` (a bias, plus per-position maps where zero padding makes it vary; fixes the input
+    size), ``bias`` or ``none``; measured on ``calibration`` (default ``example_inputs``).
+    ``model_name``/``model_kwargs``: how :func:`load_pruned` builds the unpruned model (default: the
+    model's class, called with no arguments). ``model`` itself is not modified.
+    """
+    outcome = prune_with_record(model, example_inputs, scores, how, amount, round_to, min_channels, compensate,
+                                calibration, score_reduce=score_reduce, model_name=model_name,
+                                model_kwargs=model_kwargs)
+    return outcome.model, outcome.plan
+
+
+def prune_with_record(model, example_inputs, scores=None, how="percent", amount=0.5, round_to=None,
+                      min_channels=1, compensate="exact", calibration=None, *, score_reduce="max",
+                      model_name=None, model_kwargs=None) -> PruneOutcome:
+    """:func:`prune`, also returning which BN channels the plan removed (for measuring compensation)."""
+    if compensate not in COMPENSATIONS:
+        raise InputError(f"compensate must be one of {', '.join(COMPENSATIONS)}, got {compensate!r}")
+    if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() < 2:
+        raise InputError("example_inputs must be a batch tensor [N, C, ...] at the deployed input size")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    pruned = copy.deepcopy(model)
+    device = next(pruned.parameters()).device
+    example_inputs = example_inputs.to(device)
+    graph = build_graph(pruned, example_inputs[:1])
+    if scores is None:
+        scores = {name: bn.weight.detach().abs() for name, bn in select_bns(pruned).items()}
+    elif hasattr(scores, "scores"):
+        scores = scores.scores()
+    if model_name is None:
+        model_name = f"{type(model).__module__}:{type(model).__qualname__}"
+    plan = make_plan(
+        channel_groups(pruned, graph), scores, how=how, amount=amount, min_channels=min_channels,
+        round_to=round_to, score_reduce=score_reduce, model_name=model_name, model_kwargs=model_kwargs,
+        num_classes=output_classes(model) or 0, input_shape=tuple(example_inputs.shape[1:]),
+    )
+    zeroed = removed_bn_channels(pruned, graph, plan)
+    if compensate != "none":
+        calibration = (example_inputs if calibration is None else calibration).to(device)
+    apply_plan(pruned, plan, None if compensate == "none" else calibration, exact=compensate == "exact",
+               graph=graph)
+    return PruneOutcome(pruned, plan, zeroed)
+
+
+def save_pruned(path, model: nn.Module, plan: ChannelPlan) -> Path:
+    """One file with the plan (plain types) and the pruned weights; :func:`load_pruned` rebuilds it."""
+    from slimdeploy.train import save_atomic
+
+    path = Path(path)
+    save_atomic({"format": PRUNED_FORMAT, "plan": plan.to_dict(), "state_dict": model.state_dict()}, path)
+    return path
+
+
+def load_pruned(path, build=None) -> nn.Module:
+    """The pruned model from :func:`save_pruned`'s file, or from a run directory (its
+    ``pruned_plan.json`` and ``pruned.pt``), loaded with ``weights_only=True``.
+
+    ``build`` overrides how the unpruned model is made: a callable returning it, or a factory's import
+    path (called with the plan's ``model_kwargs``). Without it the plan's registry name, torchvision
+    builder or ``nn.Module`` class is used; a plan naming any other factory needs ``build``.
+    """
+    from slimdeploy.train import load_checkpoint
+
+    path = Path(path)
+    if path.is_dir():
+        plan = ChannelPlan.from_json(path / "pruned_plan.json")
+        return rebuild_pruned(plan, load_checkpoint(path / "pruned.pt"), build)
+    saved = load_checkpoint(path)
+    if not isinstance(saved, dict) or saved.get("format") != PRUNED_FORMAT:
+        raise InputError(f"{path}: not a file written by save_pruned (format {PRUNED_FORMAT})")
+    try:
+        plan = ChannelPlan.from_dict(saved["plan"])
+    except (KeyError, TypeError) as err:
+        raise InputError(f"{path}: the plan in it is not readable ({type(err).__name__}: {err})") from None
+    return rebuild_pruned(plan, saved["state_dict"], build)
+
+
+def export_onnx(model: nn.Module, path, example_inputs: torch.Tensor, verify: bool = True, *,
+                opset: int = 17, tolerance: float = 1e-4) -> ExportCheck | None:
+    """Export ``model`` to ONNX (dynamic batch) and, with ``verify``, check onnxruntime's output against
+    PyTorch on ``example_inputs`` (raises ExportMismatchError beyond ``tolerance`` × max |logit|)."""
+    _export(model, path, tuple(example_inputs.shape[1:]), opset=opset)
+    return verify_onnx(model, path, example_inputs, tolerance=tolerance) if verify else None
+
+
+def benchmark(paths, batch: int = 1, threads: int = 1, iters: int = 100, warmup: int = 10) -> list[dict]:
+    """ONNX Runtime latency of each model, timed interleaved; one row per model with its speedup
+    against the first."""
+    stats = ortbench.time_sessions([str(p) for p in paths], batch=batch, threads=threads, warmup=warmup,
+                                   iters=iters)
+    return [{"model": str(p), **s.to_dict(), "speedup": stats[0].p50 / s.p50} for p, s in zip(paths, stats)]
