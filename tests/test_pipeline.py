@@ -103,4 +103,6 @@ def test_int8_export_reports_accuracy_and_latency(tmp_path):
         assert 0 <= q[side]["accuracy"] <= 100
         assert q[side]["onnx_bytes"] < (out / f"{side}.onnx").stat().st_size
     assert q["latency"][0]["pruned"]["p50"] > 0
-    assert "INT8" in (out / "report.md").read_text()
+    assert q["activation"] == ("uint8" if q["target"] == "x86" else "int8") and q["weights"] == "int8"
+    md = (out / "report.md").read_text()
+    assert f"{q['activation']} activations" in md and "INT8 / FP32" in md
