@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimdeploy import ortbench
+from slimdeploy import latency, ortbench
 from slimdeploy.errors import InputError
 from slimdeploy.export import ExportCheck, verify_onnx
 from slimdeploy.export import export_onnx as _export
 from slimdeploy.graph import build_graph, channel_groups
 from slimdeploy.models.registry import output_classes
-from slimdeploy.plan import ChannelPlan, make_plan
+from slimdeploy.plan import ChannelPlan, group_scores, make_plan, simd_block
 from slimdeploy.prune import apply_plan, rebuild_pruned, removed_bn_channels
 from slimdeploy.sparsity import Sparsifier, make_sparsifier, select_bns
 
@@ -82,6 +82,11 @@ def prune(
     score_reduce: str = "max",
     model_name: str | None = None,
     model_kwargs: dict | None = None,
+    target_speedup: float | None = None,
+    target_ms: float | None = None,
+    latency_table=None,
+    latency_batch: int = 1,
+    latency_threads: int = 1,
 ) -> tuple[nn.Module, ChannelPlan]:
     """Physically remove channels from a copy of ``model``; returns ``(pruned_model, plan)``.
 
@@ -89,7 +94,11 @@ def prune(
     traced with it, once). ``scores``: per-BN channel scores (a dict, or the handle of :func:`sparsify`);
     None means |γ| of every affine BN. ``how``/``amount``: ``percent`` removes the ``amount`` share of the
     lowest-scoring channels, ``threshold`` those below ``amount``, ``zeros`` those scoring exactly 0
-    (proximal NS). ``round_to``: kept widths a multiple of N (``"auto"``: the CPU's SIMD block).
+    (proximal NS), ``latency`` keeps the most score within a latency budget measured in onnxruntime on
+    this machine (``target_speedup`` over the dense model, or ``target_ms``, at ``latency_batch`` and
+    ``latency_threads``; the per-layer ``latency_table`` JSON is cached, by default under
+    ~/.cache/slimdeploy/latency/; see :mod:`slimdeploy.latency`).
+    ``round_to``: kept widths a multiple of N (``"auto"``: the CPU's SIMD block).
     ``compensate``: what removed channels still fed forward (their BN shift β) is folded into the next
     layers: ``exact`` (a bias, plus per-position maps where zero padding makes it vary; fixes the input
     size), ``bias`` or ``none``; measured on ``calibration`` (default ``example_inputs``).
@@ -98,14 +107,21 @@ def prune(
     """
     outcome = prune_with_record(model, example_inputs, scores, how, amount, round_to, min_channels, compensate,
                                 calibration, score_reduce=score_reduce, model_name=model_name,
-                                model_kwargs=model_kwargs)
+                                model_kwargs=model_kwargs, target_speedup=target_speedup, target_ms=target_ms,
+                                latency_table=latency_table, latency_batch=latency_batch,
+                                latency_threads=latency_threads)
     return outcome.model, outcome.plan
 
 
 def prune_with_record(model, example_inputs, scores=None, how="percent", amount=0.5, round_to=None,
                       min_channels=1, compensate="exact", calibration=None, *, score_reduce="max",
-                      model_name=None, model_kwargs=None) -> PruneOutcome:
+                      model_name=None, model_kwargs=None, target_speedup=None, target_ms=None,
+                      latency_table=None, latency_batch=1, latency_threads=1) -> PruneOutcome:
     """:func:`prune`, also returning which BN channels the plan removed (for measuring compensation)."""
+    if how == "latency":
+        latency.check_targets(target_speedup, target_ms)
+    elif target_speedup is not None or target_ms is not None:
+        raise InputError(f"target_speedup and target_ms are for how='latency', not how={how!r}")
     if compensate not in COMPENSATIONS:
         raise InputError(f"compensate must be one of {', '.join(COMPENSATIONS)}, got {compensate!r}")
     if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() < 2:
@@ -122,14 +138,32 @@ def prune_with_record(model, example_inputs, scores=None, how="percent", amount=
         scores = scores.scores()
     if model_name is None:
         model_name = f"{type(model).__module__}:{type(model).__qualname__}"
-    plan = make_plan(
-        channel_groups(pruned, graph), scores, how=how, amount=amount, min_channels=min_channels,
-        round_to=round_to, score_reduce=score_reduce, model_name=model_name, model_kwargs=model_kwargs,
-        num_classes=output_classes(model) or 0, input_shape=tuple(example_inputs.shape[1:]),
-    )
-    zeroed = removed_bn_channels(pruned, graph, plan)
+    plan_kwargs = dict(how=how, amount=amount, min_channels=min_channels, round_to=round_to,
+                       score_reduce=score_reduce, model_name=model_name, model_kwargs=model_kwargs,
+                       num_classes=output_classes(model) or 0, input_shape=tuple(example_inputs.shape[1:]))
     if compensate != "none":
         calibration = (example_inputs if calibration is None else calibration).to(device)
+    if how != "latency":
+        return _prune_traced(pruned, graph, scores, plan_kwargs, compensate, calibration)
+
+    def prune_to_widths(kept_widths: dict) -> PruneOutcome:
+        copied = copy.deepcopy(model)
+        return _prune_traced(copied, build_graph(copied, example_inputs[:1]), scores,
+                             {**plan_kwargs, "kept_widths": kept_widths}, compensate, calibration)
+
+    groups = channel_groups(pruned, graph)
+    return latency.fit_to_latency(
+        pruned, example_inputs, graph, groups, [group_scores(g, scores, score_reduce) for g in groups],
+        prune_to_widths, target_speedup=target_speedup, target_ms=target_ms,
+        round_to=simd_block() if round_to == "auto" else round_to, min_channels=min_channels,
+        batch=latency_batch, threads=latency_threads, table_path=latency_table,
+    )
+
+
+def _prune_traced(pruned, graph, scores, plan_kwargs: dict, compensate: str, calibration) -> PruneOutcome:
+    """Plan on a traced copy of the model and remove the channels from it, in place."""
+    plan = make_plan(channel_groups(pruned, graph), scores, **plan_kwargs)
+    zeroed = removed_bn_channels(pruned, graph, plan)
     apply_plan(pruned, plan, None if compensate == "none" else calibration, exact=compensate == "exact",
                graph=graph)
     return PruneOutcome(pruned, plan, zeroed)

@@ -62,7 +62,9 @@ def _session_options(threads: int, spinning: bool = True) -> ort.SessionOptions:
 
 def make_session(path, threads: int, provider: str = "CPUExecutionProvider",
                  spinning: bool = True) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), _session_options(threads, spinning), providers=[provider])
+    """A session on an ONNX file, or on a serialized model given as bytes."""
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, _session_options(threads, spinning), providers=[provider])
 
 
 def spinning_for(n_models: int) -> bool:
@@ -149,9 +151,137 @@ def time_sessions(
     return [latency_stats(s, batch, threads) for s in samples]
 
 
+# --- Latency tables: one convolution at a time ------------------------------------------------------
+# The models are written with a minimal protobuf encoder because this file must run where only numpy
+# and onnxruntime are installed (no `onnx` package); field numbers are those of onnx/onnx.proto.
+
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # int64 fields encode negatives as 10-byte two's complement
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _pb_int(field: int, n: int) -> bytes:
+    return _varint(field << 3) + _varint(n)
+
+
+def _pb_bytes(field: int, payload) -> bytes:
+    payload = payload.encode() if isinstance(payload, str) else payload
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _pb_value_info(name: str, channels: int, hw) -> bytes:
+    """ValueInfoProto of a float tensor [batch, channels, *hw] with a symbolic batch."""
+    dims = _pb_bytes(1, _pb_bytes(2, "batch")) + b"".join(_pb_bytes(1, _pb_int(1, d)) for d in (channels, *hw))
+    return _pb_bytes(1, name) + _pb_bytes(2, _pb_bytes(1, _pb_int(1, 1) + _pb_bytes(2, dims)))
+
+
+def _pb_initializer(name: str, array: np.ndarray) -> bytes:
+    dims = b"".join(_pb_int(1, d) for d in array.shape)
+    return dims + _pb_int(2, 1) + _pb_bytes(8, name) + _pb_bytes(9, array.astype("<f4").tobytes())
+
+
+def _pb_attr_ints(name: str, values) -> bytes:
+    if isinstance(values, int):
+        return _pb_bytes(1, name) + _pb_int(3, values) + _pb_int(20, 2)  # AttributeType INT
+    return _pb_bytes(1, name) + b"".join(_pb_int(8, v) for v in values) + _pb_int(20, 7)  # INTS
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """One Conv layer as the runtime sees it (eval-mode BN folded into its bias), at one batch size 1
+    input ``[1, in_ch, *hw]``; the batch is set when timing."""
+
+    in_ch: int
+    out_ch: int
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+    hw: tuple
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ConvSpec":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+    def key(self) -> str:
+        def join(t):
+            return "x".join(str(v) for v in t)
+        return (f"conv{self.in_ch}-{self.out_ch}-k{join(self.kernel)}-s{join(self.stride)}-p{join(self.padding)}"
+                f"-d{join(self.dilation)}-g{self.groups}-{join(self.hw)}")
+
+    def out_hw(self) -> tuple:
+        return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                     for size, p, d, k, s in zip(self.hw, self.padding, self.dilation, self.kernel, self.stride))
+
+    def onnx_bytes(self, opset: int = 17) -> bytes:
+        """A model computing just this Conv (with bias), random weights, dynamic batch."""
+        rng = np.random.default_rng(0)
+        weight = rng.standard_normal((self.out_ch, self.in_ch // self.groups, *self.kernel), dtype=np.float32)
+        bias = rng.standard_normal(self.out_ch, dtype=np.float32)
+        attrs = [_pb_attr_ints("kernel_shape", self.kernel), _pb_attr_ints("strides", self.stride),
+                 _pb_attr_ints("pads", (*self.padding, *self.padding)),
+                 _pb_attr_ints("dilations", self.dilation), _pb_attr_ints("group", self.groups)]
+        node = (_pb_bytes(1, "x") + _pb_bytes(1, "w") + _pb_bytes(1, "b") + _pb_bytes(2, "y") + _pb_bytes(4, "Conv")
+                + b"".join(_pb_bytes(5, a) for a in attrs))
+        graph = (_pb_bytes(1, node) + _pb_bytes(2, "conv") + _pb_bytes(5, _pb_initializer("w", weight))
+                 + _pb_bytes(5, _pb_initializer("b", bias))
+                 + _pb_bytes(11, _pb_value_info("x", self.in_ch, self.hw))
+                 + _pb_bytes(12, _pb_value_info("y", self.out_ch, self.out_hw())))
+        opset_id = _pb_bytes(1, "") + _pb_int(2, opset)
+        return _pb_int(1, 8) + _pb_bytes(8, opset_id) + _pb_bytes(7, graph)  # IR version 8
+
+
+# Timed like a layer to absorb what every session.run costs whatever the layer: subtracting it leaves
+# what a layer adds inside a whole model.
+CALL_OVERHEAD_SPEC = ConvSpec(1, 1, (1, 1), (1, 1), (0, 0), (1, 1), 1, (1, 1))
+CALL_OVERHEAD_KEY = "call"
+
+
+def table_settings(batch: int, threads: int) -> dict:
+    """What a latency table depends on besides the layers."""
+    return {"batch": batch, "threads": threads, "onnxruntime": ort.__version__, "machine": platform.machine(),
+            "cpu_count": os.cpu_count()}
+
+
+def time_layers(specs, batch: int = 1, threads: int = 1, warmup: int = 10, iters: int = 50) -> dict[str, float]:
+    """Median latency (ms) of each ConvSpec run alone, by its key, plus the per-call overhead (``call``)."""
+    table = {}
+    for spec in [CALL_OVERHEAD_SPEC, *specs]:
+        key = CALL_OVERHEAD_KEY if spec is CALL_OVERHEAD_SPEC else spec.key()
+        if key not in table:
+            table[key] = time_sessions([spec.onnx_bytes()], batch, threads, warmup, iters)[0].p50
+    return table
+
+
+def build_table_file(layers_path, out_path, batch: int, threads: int, warmup: int, iters: int) -> dict:
+    """Time the layers a JSON description lists (``{"key": ..., "layers": [ConvSpec fields, ...]}``) and
+    write the table ``{"key", "settings", "entries": {layer key: ms}}``."""
+    with open(layers_path) as f:
+        description = json.load(f)
+    if not isinstance(description, dict) or not isinstance(description.get("layers"), list):
+        raise ValueError(f"{layers_path}: expected a JSON object with a list under 'layers'")
+    try:
+        specs = [ConvSpec.from_dict(raw) for raw in description["layers"]]
+    except TypeError as err:
+        raise ValueError(f"{layers_path}: a layer is not a conv description ({err})") from None
+    table = {"key": description.get("key"), "settings": table_settings(batch, threads),
+             "entries": time_layers(specs, batch, threads, warmup, iters)}
+    with open(out_path, "w") as f:
+        json.dump(table, f, indent=1)
+    return table
+
+
 def _parse_args(argv):
     ap = argparse.ArgumentParser(description="Interleaved ONNX Runtime latency benchmark.")
-    ap.add_argument("models", nargs="+", help="ONNX files; speedups are relative to the first")
+    ap.add_argument("models", nargs="*", help="ONNX files; speedups are relative to the first")
+    ap.add_argument("--table", metavar="LAYERS_JSON", help="instead of models, time each conv layer a JSON "
+                    "description lists, alone, and write the latency table to --json")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=20)
@@ -175,8 +305,26 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _table_mode(args) -> int:
+    if args.models or not args.json_path:
+        print("ortbench: error: --table takes no ONNX files and needs --json OUT", file=sys.stderr)
+        return 2
+    try:
+        table = build_table_file(args.table, args.json_path, args.batch, args.threads, args.warmup, args.iters)
+    except (OSError, ValueError) as err:
+        print(f"ortbench: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{len(table['entries']) - 1} layers timed, table written to {args.json_path}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parse_args(argv)
+    if args.table:
+        return _table_mode(args)
+    if not args.models:
+        print("ortbench: error: give ONNX files, or --table LAYERS_JSON --json OUT", file=sys.stderr)
+        return 2
     for path in args.models:
         if not os.path.isfile(path):
             print(f"ortbench: error: no such file: {path}", file=sys.stderr)

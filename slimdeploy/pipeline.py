@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from slimdeploy import api, bench, distributed, export, ortbench
+from slimdeploy import api, bench, distributed, export, ortbench, runtimes
 from slimdeploy.data import Dataset, Normalize, eval_batches, first_images, load_dataset
 from slimdeploy.models import build_model
 from slimdeploy.plan import ChannelPlan
@@ -85,9 +85,13 @@ class PruneResult:
 def prune_stage(dense, scores, recipe: Recipe, data: Dataset, normalize) -> PruneResult:
     """Plan from the BN scores and remove the channels from a copy of ``dense`` (a CPU model)."""
     tic = time.perf_counter()
+    kwargs = recipe.prune.prune_kwargs()
+    if recipe.prune.how == "latency":  # the budget is met where the report's first latency is measured
+        batch, threads = next(((s.batch, s.threads) for s in recipe.bench.settings), (1, 1))
+        kwargs.update(latency_batch=batch, latency_threads=_threads(threads))
     outcome = api.prune_with_record(
         dense, _cpu_batch(normalize, data.train, recipe.prune.calibration_images), scores,
-        **recipe.prune.prune_kwargs(), model_name=recipe.model.name, model_kwargs=recipe.model.kwargs,
+        **kwargs, model_name=recipe.model.name, model_kwargs=recipe.model.kwargs,
     )
     seconds = time.perf_counter() - tic
     x = _cpu_batch(normalize, data.test, 64)
@@ -172,17 +176,38 @@ def _model_summary(model, shape, accuracy, onnx_path) -> dict:
     return summary
 
 
+def _verify_runtimes(dense, pruned, onnx_paths, data: Dataset, normalize, recipe) -> dict:
+    """Each runtime but onnxruntime (checked at export) against PyTorch on the export check batch; raises
+    ExportMismatchError beyond the tolerance for the precision the runtime chose."""
+    others = [name for name in recipe.bench.runtimes if name != "onnxruntime"]
+    if not onnx_paths or not others:
+        return {}
+    check = _cpu_batch(normalize, data.test, recipe.export.check_batch)
+    checks = {}
+    for name in others:
+        d, p = [runtimes.verify(runtimes.RUNTIMES[name].load(path, _threads(0)), model, check, recipe.export.tolerance)
+                for model, path in zip((dense, pruned), onnx_paths)]
+        checks[name] = {**p, "dense_max_abs_diff": d["max_abs_diff"], "dense_max_abs_logit": d["max_abs_logit"]}
+    return checks
+
+
 def _benchmark(dense, pruned, shape, onnx_paths, recipe, progress) -> list[dict]:
     rows = []
+    others = [name for name in recipe.bench.runtimes if name != "onnxruntime"] if onnx_paths else []
     for s in recipe.bench.settings:
         threads = _threads(s.threads)
-        if onnx_paths:
+        if onnx_paths and "onnxruntime" in recipe.bench.runtimes:
             stats = ortbench.time_sessions(
                 onnx_paths, batch=s.batch, threads=threads,
                 warmup=recipe.bench.warmup, iters=recipe.bench.iters, progress=progress,
             )
             session = ortbench.session_options_dict(threads, spinning=ortbench.spinning_for(len(onnx_paths)))
             rows.append({"backend": "onnxruntime", "batch": s.batch, "threads": threads, "session": session,
+                         "dense": stats[0].to_dict(), "pruned": stats[1].to_dict()})
+        for name in others:  # each runtime's dense and pruned models timed interleaved
+            loaded = [runtimes.RUNTIMES[name].load(path, threads) for path in onnx_paths]
+            stats = runtimes.time_models(loaded, shape, s.batch, recipe.bench.warmup, recipe.bench.iters, threads)
+            rows.append({"backend": name, "batch": s.batch, "threads": threads, "session": loaded[0].describe(),
                          "dense": stats[0].to_dict(), "pruned": stats[1].to_dict()})
         if recipe.bench.torch:
             stats = bench.torch_latency([dense, pruned], shape, batch=s.batch, threads=threads,
@@ -283,6 +308,7 @@ def _run(recipe, out, recipe_name, export_format, resume, progress, procs, devic
     # 5. benchmark and report
     dense_sum = _model_summary(dense_cpu, shape, trained.accuracy, onnx_paths[0] if onnx_paths else None)
     pruned_sum = _model_summary(pruned_cpu, shape, pruned_acc, onnx_paths[1] if onnx_paths else None)
+    runtime_checks = _verify_runtimes(dense_cpu, pruned_cpu, onnx_paths, data, normalize, recipe)
     latency = _benchmark(dense_cpu, pruned_cpu, shape, onnx_paths, recipe, progress)
     first_ort = next((r for r in latency if r["backend"] == "onnxruntime"), None)
     if first_ort:
@@ -318,6 +344,7 @@ def _run(recipe, out, recipe_name, export_format, resume, progress, procs, devic
         "sparsity": recipe.sparsity.model_dump(mode="json"),
         "export": export_info,
         "int8": int8,
+        "runtimes": runtime_checks,
         "latency": latency,
         "train": {"epochs": trained.epochs, "seconds": trained.seconds, "history": trained.history},
         "finetune": {"epochs": recipe.finetune.epochs, "seconds": finetuned.seconds if finetuned else 0.0,

@@ -3,8 +3,9 @@
 Coupled BNs (all BNs on one residual stream, every consumer of a concatenated channel) share one
 decision, made on a combined score per root channel (max over the coupled BNs by default). Modes:
 ``percent`` (one global ranking over all prunable channels, as in network slimming), ``threshold``
-(scores below a value go) and ``zeros`` (exactly the zero scores go: proximal NS). Every group keeps at
-least ``min_channels``; with ``round_to`` the kept widths are multiples of N.
+(scores below a value go), ``zeros`` (exactly the zero scores go: proximal NS) and ``latency`` (widths
+chosen for a measured latency budget, see :mod:`slimdeploy.latency`). Every group keeps at least
+``min_channels``; with ``round_to`` the kept widths are multiples of N.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def _round_kept(kept: int, channels: int, n: int | None, least: int) -> int:
     return min(rounded, channels)
 
 
-PLAN_MODES = ("percent", "threshold", "zeros", "none")
+PLAN_MODES = ("percent", "threshold", "zeros", "none", "latency")
 
 
 def make_plan(
@@ -142,18 +143,23 @@ def make_plan(
     model_kwargs: dict | None = None,
     num_classes: int = 0,
     input_shape: tuple[int, ...] = (),
+    kept_widths: dict[str, int] | None = None,
 ) -> ChannelPlan:
     """Decide per group which channels go.
 
     ``how``: ``percent`` removes the ``amount`` share (in [0, 1)) of all prunable channels with the
     lowest scores; ``threshold`` those scoring below ``amount``; ``zeros`` those scoring exactly 0;
-    ``none`` nothing. ``round_to`` (N, ``"auto"`` for the SIMD block, or None) aligns kept widths.
+    ``none`` nothing; ``latency`` keeps the best-scoring ``kept_widths[root]`` channels of each group
+    (widths chosen for a latency budget by :mod:`slimdeploy.latency`, already aligned).
+    ``round_to`` (N, ``"auto"`` for the SIMD block, or None) aligns kept widths.
     ``model_name``/``model_kwargs`` record how to build the unpruned model, for rebuilding.
     """
     if how not in PLAN_MODES:
         raise ValueError(f"unknown plan mode {how!r}; allowed: {', '.join(PLAN_MODES)}")
     if how == "percent" and not 0 <= amount < 1:
         raise ValueError(f"amount must be a share in [0, 1) for how='percent', got {amount}")
+    if how == "latency" and set(kept_widths or ()) != {g.root for g in groups}:
+        raise ValueError("how='latency' needs kept_widths: one kept width per group root")
     if score_reduce not in _REDUCE:
         raise ValueError(f"unknown score_reduce {score_reduce!r}; allowed: {', '.join(_REDUCE)}")
     scores = [group_scores(g, bn_scores, score_reduce) for g in groups]
@@ -172,7 +178,7 @@ def make_plan(
     elif how == "zeros":
         cut = 0.0
         masks = [s == 0 for s in scores]
-    else:
+    else:  # none, latency
         masks = [torch.zeros(len(s), dtype=torch.bool) for s in scores]
 
     round_to = simd_block() if round_to == "auto" else round_to
@@ -183,7 +189,9 @@ def make_plan(
         positions = group.channels // g
         least = min(math.ceil(min_channels / g), positions)
         kept = max(positions - round(int(remove.sum()) / g), least)
-        if round_to and kept < positions:  # a group the plan leaves whole stays whole
+        if how == "latency":
+            kept = kept_widths[group.root] // g
+        elif round_to and kept < positions:  # a group the plan leaves whole stays whole
             kept = _round_kept(kept, positions, round_to // math.gcd(round_to, g), least)
         # Keep the best positions; ties broken by index, so plans are deterministic.
         order = torch.argsort(-score.view(g, positions).amax(0), stable=True)

@@ -235,7 +235,13 @@ class SparsityCfg(_Section):
 
 
 class PruneCfg(_Section):
-    how: Literal["percent", "threshold", "zeros", "none"] = "percent"
+    how: Literal["percent", "threshold", "zeros", "none", "latency"] = Field(
+        "percent", description="latency: keep the most channel score within a latency budget measured in "
+        "onnxruntime at the first bench.settings entry (target_speedup or target_ms)")
+    target_speedup: float | None = Field(None, gt=1, description="how: latency: measured speedup over the dense "
+                                         "model to reach, within ±5 %")
+    target_ms: float | None = Field(None, gt=0, validate_default=True,
+                                    description="how: latency: pruned latency to reach (ms per batch), within ±5 %")
     percent: float = Field(0.5, ge=0, lt=1, description="share of prunable channels removed (global threshold)")
     threshold: float = Field(0.01, ge=0, description="channels whose score is below this go (how: threshold)")
     min_channels: int = Field(1, ge=1, description="channels kept at least per group")
@@ -250,9 +256,33 @@ class PruneCfg(_Section):
 
     def prune_kwargs(self) -> dict:
         """Keyword arguments of :func:`slimdeploy.prune` (``amount`` is the percent or the threshold)."""
-        return dict(how=self.how, amount=self.threshold if self.how == "threshold" else self.percent,
-                    round_to=self.round_to, min_channels=self.min_channels, compensate=self.compensate,
-                    score_reduce=self.score_reduce)
+        kwargs = dict(how=self.how, amount=self.threshold if self.how == "threshold" else self.percent,
+                      round_to=self.round_to, min_channels=self.min_channels, compensate=self.compensate,
+                      score_reduce=self.score_reduce)
+        if self.how == "latency":
+            kwargs.update(target_speedup=self.target_speedup, target_ms=self.target_ms)
+        return kwargs
+
+    @field_validator("target_speedup")
+    @classmethod
+    def _speedup_for_latency(cls, speedup: float | None, info) -> float | None:
+        if speedup is not None and info.data.get("how", "latency") != "latency":
+            raise ValueError("is only used with how: latency")
+        return speedup
+
+    @field_validator("target_ms")
+    @classmethod
+    def _one_latency_target(cls, ms: float | None, info) -> float | None:
+        if "target_speedup" not in info.data:  # target_speedup itself was refused
+            return ms
+        speedup, how = info.data["target_speedup"], info.data.get("how")
+        if ms is not None and speedup is not None:
+            raise ValueError("set target_speedup or target_ms, not both")
+        if ms is not None and how != "latency":
+            raise ValueError("is only used with how: latency")
+        if how == "latency" and ms is None and speedup is None:
+            raise ValueError("how: latency needs target_speedup or target_ms")
+        return ms
 
     @field_validator("round_to")
     @classmethod
@@ -288,6 +318,18 @@ class BenchCfg(_Section):
         default_factory=lambda: [BenchSetting(batch=1, threads=1), BenchSetting(batch=64, threads=0)]
     )
     torch: bool = Field(True, description="also time PyTorch eager")
+    runtimes: list[str] = Field(
+        ["onnxruntime"], description="runtimes that run and time the ONNX files: onnxruntime, openvino; each "
+        "one but onnxruntime is also checked against PyTorch on the export check batch")
+
+    @field_validator("runtimes")
+    @classmethod
+    def _known_installed_runtimes(cls, names: list[str]) -> list[str]:
+        from slimdeploy.runtimes import check_runtime
+
+        if len(set(names)) != len(names):
+            raise ValueError(f"runtimes must not repeat a name, got {names}")
+        return [check_runtime(name) for name in names]
 
 
 class Recipe(_Section):

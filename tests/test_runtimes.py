@@ -1,0 +1,144 @@
+"""Runtimes beside onnxruntime: OpenVINO's output checked against PyTorch, its description, recipe keys,
+and its verified latency rows in an in-process run."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from slimdeploy import pipeline, runtimes
+from slimdeploy.export import ExportMismatchError, export_onnx
+from slimdeploy.models import build_model
+from slimdeploy.recipe import RecipeError, build_recipe
+
+SHAPE = (3, 32, 32)
+
+
+@pytest.fixture
+def openvino():
+    return pytest.importorskip("openvino", reason="openvino is not installed (pip install openvino)")
+
+
+@pytest.fixture
+def resnet20(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10).eval()
+    return model, export_onnx(model, tmp_path / "resnet20.onnx", SHAPE)
+
+
+def test_openvino_matches_pytorch(openvino, resnet20):
+    model, path = resnet20
+    x = torch.randn(8, *SHAPE)
+    loaded = runtimes.OpenVino.load(path, threads=1)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(loaded.run(x.numpy()), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    check = runtimes.verify(loaded, model, x, tolerance=1e-4)
+    assert check["runtime"] == "openvino" and check["tolerance"] == 1e-4
+    assert 0 <= check["max_abs_diff"] <= 1e-4 * check["max_abs_logit"]
+
+
+def test_openvino_describes_precision_threads_and_hint(openvino, resnet20):
+    info = runtimes.OpenVino.load(resnet20[1], threads=1).describe()
+    assert info["precision"] in runtimes.PRECISION_TOLERANCE
+    caps = torch.cpu.get_capabilities()
+    if not (caps.get("avx512_bf16") or caps.get("amx_bf16")):  # no native bf16: OpenVINO computes in f32
+        assert info["precision"] == "f32"
+    assert info["threads"] == 1 and info["performance_hint"] == "LATENCY" and info["cpu_pinning"] is False
+    assert info["version"] == openvino.get_version() and info["device"].startswith("CPU")
+
+
+def test_tampered_weight_fails_verification(openvino, resnet20, tmp_path):
+    model, path = resnet20
+    proto = onnx.load(str(path))
+    weight = next(init for init in proto.graph.initializer if len(init.dims) == 4)  # a folded conv weight
+    weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) * 1.5, weight.name))
+    onnx.save(proto, str(tmp_path / "tampered.onnx"))
+    loaded = runtimes.OpenVino.load(tmp_path / "tampered.onnx", threads=1)
+    with pytest.raises(ExportMismatchError, match=r"max \|openvino \(f32\) - PyTorch\|") as err:
+        runtimes.verify(loaded, model, torch.randn(4, *SHAPE), tolerance=1e-4)
+    assert "\n" not in str(err.value) and "tampered.onnx" in str(err.value)
+
+
+class _Shifted:
+    """A stand-in runtime whose logits are off by ``shift`` x max |logit| in the given precision."""
+
+    name, path = "fake", "fake.onnx"
+
+    def __init__(self, model, precision, shift):
+        self.model, self.precision, self.shift = model, precision, shift
+
+    def run(self, inputs):
+        with torch.no_grad():
+            logits = self.model(torch.from_numpy(inputs)).numpy()
+        return logits + self.shift * np.abs(logits).max()
+
+    def describe(self):
+        return {"runtime": self.name, "precision": self.precision}
+
+
+def test_tolerance_follows_the_precision_used():
+    torch.manual_seed(0)
+    model, x = build_model("resnet20", 10).eval(), torch.randn(2, *SHAPE)
+    assert runtimes.verify(_Shifted(model, "bf16", 1e-2), model, x, 1e-4)["tolerance"] == 2e-2
+    with pytest.raises(ExportMismatchError, match=r"fake \(bf16\)"):
+        runtimes.verify(_Shifted(model, "bf16", 3e-2), model, x, 1e-4)
+    with pytest.raises(ExportMismatchError, match=r"fake \(f32\)"):
+        runtimes.verify(_Shifted(model, "f32", 1e-3), model, x, 1e-4)
+    assert runtimes.tolerance_for("f32", 1e-4) == 1e-4 and runtimes.tolerance_for("bf16", 0.1) == 0.1
+
+
+def test_recipe_runtimes_default_and_errors(monkeypatch):
+    assert build_recipe({}).bench.runtimes == ["onnxruntime"]
+    with pytest.raises(RecipeError) as err:
+        build_recipe({"bench": {"runtimes": ["onnxruntime", "tensorrt"]}})
+    assert "bench.runtimes: unknown runtime 'tensorrt'; allowed: onnxruntime, openvino" in str(err.value)
+    assert "\n" not in str(err.value)
+    with pytest.raises(RecipeError, match="bench.runtimes: must not repeat"):
+        build_recipe({"bench": {"runtimes": ["onnxruntime", "onnxruntime"]}})
+    monkeypatch.setattr(runtimes.OpenVino, "available", staticmethod(lambda: False))
+    with pytest.raises(RecipeError, match="bench.runtimes: openvino is not installed; pip install openvino"):
+        build_recipe({"bench": {"runtimes": ["openvino"]}})
+
+
+def test_time_models_interleaves_runtimes(openvino, resnet20):
+    loaded = [runtimes.OnnxRuntime.load(resnet20[1], 1, spinning=False), runtimes.OpenVino.load(resnet20[1], 1)]
+    stats = runtimes.time_models(loaded, SHAPE, batch=2, warmup=1, iters=5, threads=1)
+    assert len(stats) == 2
+    for s in stats:
+        assert s.batch == 2 and s.threads == 1 and 0 < s.p50 <= s.p90 <= s.p99
+
+
+def _tiny_recipe(runtimes_: list[str]) -> dict:
+    return {
+        "device": "cpu",
+        "model": {"name": "resnet20"},
+        "data": {"name": "synthetic", "image_size": 16, "train_size": 32, "test_size": 32,
+                 "batch_size": 16, "eval_batch_size": 32, "augment": False},
+        "train": {"epochs": 1, "lr": 0.01, "schedule": "constant"},
+        "sparsity": {"method": "subgradient", "penalty": "l1", "lam": 1e-4},
+        "prune": {"how": "percent", "percent": 0.3, "calibration_images": 8},
+        "finetune": {"epochs": 0},
+        "export": {"check_batch": 4},
+        "bench": {"iters": 2, "warmup": 0, "torch": False, "runtimes": runtimes_,
+                  "settings": [{"batch": 1, "threads": 1}, {"batch": 4, "threads": 2}]},
+    }
+
+
+@pytest.mark.slow
+def test_pipeline_reports_verified_openvino_rows(openvino, tmp_path):
+    recipe = build_recipe(_tiny_recipe(["onnxruntime", "openvino"]))
+    report = pipeline.run(recipe, tmp_path, export_format="onnx", progress=False).report
+    check = report["runtimes"]["openvino"]
+    assert check["precision"] in runtimes.PRECISION_TOLERANCE and check["threads"] >= 1
+    assert check["max_abs_diff"] <= check["tolerance"] * check["max_abs_logit"]
+    assert check["dense_max_abs_diff"] <= check["tolerance"] * check["dense_max_abs_logit"]
+    rows = {backend: [r for r in report["latency"] if r["backend"] == backend]
+            for backend in ("onnxruntime", "openvino")}
+    assert [(r["batch"], r["threads"]) for r in rows["openvino"]] == [(1, 1), (4, 2)]
+    for ort_row, ov_row in zip(rows["onnxruntime"], rows["openvino"]):
+        assert set(ov_row) == set(ort_row)
+        assert set(ov_row["pruned"]) == set(ort_row["pruned"]) and ov_row["pruned"]["batch"] == ort_row["batch"]
+        assert ov_row["session"]["threads"] == ov_row["threads"] and ov_row["session"]["runtime"] == "openvino"
+    assert "| openvino p50" in (tmp_path / "report.md").read_text()
+
