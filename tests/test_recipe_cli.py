@@ -16,6 +16,14 @@ def test_shipped_recipes_load(recipe):
     load_recipe(recipe)
 
 
+def test_shipped_mcp_and_scad_recipes_reach_the_initial_gamma():
+    # MCP and SCAD act only where |γ| ≤ a·λ: a reach below the initial γ makes the run a dense one
+    for path in sorted((ROOT / "recipes").rglob("*.yaml")):
+        r = load_recipe(path)
+        if r.sparsity.method != "none" and r.sparsity.penalty in ("mcp", "scad"):
+            assert r.sparsity.a * r.sparsity.lam >= (r.model.bn_init or 1.0), path.name
+
+
 def test_overrides_parse_yaml_scalars_and_lists():
     r = build_recipe({}, ["train.epochs=2", "data.name=synthetic", "train.milestones=[0.3, 0.6]", "model.bn_init=null"])
     assert r.train.epochs == 2 and r.data.name == "synthetic"
