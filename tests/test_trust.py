@@ -2,7 +2,6 @@
 one line naming its dotted key."""
 
 import builtins
-import importlib.util
 import os
 import pickle
 import struct
@@ -13,10 +12,9 @@ import pytest
 
 from slimdeploy.data import DataError, load_cifar
 
+from slimdeploy.cli import compress as cli
+
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("compress_cli", ROOT / "tools" / "compress.py")
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
 
 CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
