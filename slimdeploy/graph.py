@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from slimdeploy.errors import ModelError, SlimdeployError
 from slimdeploy.sparsity import BN_TYPES
@@ -130,21 +131,64 @@ def _crosses_shuffle(group) -> bool:
     return any(isinstance(item.dep.target.module, _ShuffleLayer) for item in group.items)
 
 
+class _ReshapeShapes(TorchFunctionMode):
+    """Records the input and output shape of every view/reshape result, by its autograd node (the
+    node torch-pruning builds its reshape op from)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        node = getattr(out, "grad_fn", None)
+        reshape = node is not None and any(word in node.name().lower() for word in ("view", "reshape"))
+        if reshape and args and isinstance(args[0], torch.Tensor):
+            self.shapes[node] = (tuple(args[0].shape), tuple(out.shape))
+        return out
+
+
+def _keeps_channels(before: tuple, after: tuple) -> bool:
+    """A reshape torch-pruning maps right: the channels (dim 1; a vector's only dim) untouched, or
+    flattened with all that follows them."""
+    if not before or not after:
+        return True
+
+    def channels(shape):
+        return shape[1] if len(shape) > 1 else shape[0]
+
+    flattened = len(after) == 2 and after == (before[0], math.prod(before[1:]))
+    return channels(before) == channels(after) or flattened
+
+
+def _check_reshapes(model: nn.Module, dg: tp.DependencyGraph, shapes: dict) -> None:
+    """Refuse a reshape that regroups channels (a window partition, a channel shuffle): torch-pruning
+    gives it a flatten's index map, which maps channels wrongly or makes groups explode."""
+    for node in dg.module2node.values():
+        if node.type == tp.ops.OPTYPE.RESHAPE and node.grad_fn in shapes:
+            before, after = shapes[node.grad_fn]
+            if not _keeps_channels(before, after):
+                raise GraphError(f"cannot prune {type(model).__name__}: a reshape from {list(before)} to "
+                                 f"{list(after)} regroups channels, which the dependency graph cannot map")
+
+
 def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
     if not any(isinstance(m, BN_TYPES) for m in model.modules()):
         raise ModelError(f"{type(model).__name__} has no BatchNorm layer: network slimming needs BN scaling factors")
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad(), _shuffles_as_layers(model) as pruners:
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False,
-                                                         customized_pruners=pruners)
+        with torch.enable_grad(), _shuffles_as_layers(model) as pruners, _ReshapeShapes() as reshapes:
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False,
+                                                       customized_pruners=pruners)
     except Exception as err:
         where = traceback.extract_tb(err.__traceback__)[-1].name
         raise GraphError(f"cannot trace {type(model).__name__} for pruning: {type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''} (in {where})") from err
     finally:
         model.train(was_training)
+    _check_reshapes(model, dg, reshapes.shapes)
+    return dg
 
 
 def channel_groups(model: nn.Module, dg: tp.DependencyGraph) -> list[ChannelGroup]:
