@@ -25,21 +25,9 @@ from slimdeploy import ortbench  # noqa: E402
 from slimdeploy.bench import count_macs  # noqa: E402
 from slimdeploy.export import export_onnx  # noqa: E402
 from slimdeploy.models import build_model  # noqa: E402
-from slimdeploy.sparsity import BN_TYPES  # noqa: E402
+from prune_latency import dense_model  # noqa: E402  (this folder is on sys.path when run as a script)
 
 SHAPE = (3, 32, 32)
-
-
-def dense_model(name, run):
-    torch.manual_seed(0)
-    model = build_model(name, 10)
-    if run:
-        model.load_state_dict(torch.load(Path(run) / "dense.pt", weights_only=True, map_location="cpu"))
-    else:  # γ spread over magnitudes, as after sparse training
-        for m in model.modules():
-            if isinstance(m, BN_TYPES):
-                m.weight.data = torch.rand(m.num_features) ** 4
-    return model.eval()
 
 
 def kept_score(dense, plan) -> float:
