@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,6 +166,15 @@ def _check_graph(builder: str, size: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("builder", BUILDERS)
 def test_torchvision_builder(builder, tmp_path):
+    # Each builder in a fresh interpreter: dozens of models built, traced and pruned in one process pile
+    # up memory and thread-pool state, and one native crash there would end the whole test run.
+    res = subprocess.run([sys.executable, __file__, builder, str(tmp_path)], capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def sweep_one(builder: str, tmp_path: Path) -> None:
+    """One builder through the sweep: the whole pipeline, pruning, or the graph alone (see above)."""
     torch.set_num_threads(1)  # 32 px tensors: two threads waiting on each other took twice as long
     size = INPUT_SIZE.get(builder, 32)
     meta = _meta_model(builder)
@@ -300,3 +312,7 @@ def test_a_file_onnx_runtime_cannot_load_is_an_export_error(tmp_path):
     with pytest.raises(ExportError, match="ONNX Runtime cannot run") as err:
         verify_onnx(nn.Linear(2, 2), path, torch.randn(1, 2))
     assert "\n" not in str(err.value)
+
+
+if __name__ == "__main__":  # one builder, run by test_torchvision_builder in its own interpreter
+    sweep_one(sys.argv[1], Path(sys.argv[2]))
