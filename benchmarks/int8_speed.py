@@ -62,7 +62,8 @@ def main():
         print(f"{args.model}, onnxruntime {ortbench.ort.__version__}, VNNI: {cpu_has_vnni()}, "
               f"{args.iters} interleaved iterations per setting")
         for batch, threads in SETTINGS:
-            stats = ortbench.time_sessions(list(paths.values()), batch=batch, threads=threads,
+            stats = ortbench.time_sessions(list(paths.values()), batch=batch,
+                                           config=ortbench.SessionConfig(threads=threads),
                                            warmup=args.warmup, iters=args.iters)
             print(f"\nbatch {batch}, {threads} thread(s)")
             print(f"{'model':<36}{'p50 (ms)':>10}{'p90 (ms)':>10}{'vs FP32':>9}")

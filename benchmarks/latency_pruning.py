@@ -45,7 +45,8 @@ def kept_score(dense, plan) -> float:
 
 def measure(dense, pruned, plan, iters, tmp):
     paths = [export_onnx(m, Path(tmp) / f"{n}.onnx", SHAPE) for n, m in (("dense", dense), ("pruned", pruned))]
-    d, p = ortbench.time_sessions([str(x) for x in paths], batch=1, threads=1, warmup=iters // 10, iters=iters)
+    d, p = ortbench.time_sessions([str(x) for x in paths], batch=1, config=ortbench.SessionConfig(threads=1),
+                                  warmup=iters // 10, iters=iters)
     macs_cut = count_macs(dense, SHAPE) / count_macs(pruned, SHAPE)
     speedup = d.p50 / p.p50
     return {"speedup": speedup, "macs_cut": macs_cut, "ratio": speedup / macs_cut,

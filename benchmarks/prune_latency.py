@@ -17,15 +17,12 @@ dependency graph and pruning ResNet-164.
 import argparse
 import collections
 import copy
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -65,14 +62,7 @@ def pruned_model(dense, name, percent, round_to, score_reduce="max"):
 
 def kernel_time_by_block(path, batch, threads, runs=20) -> dict[str, float]:
     """Share of onnxruntime kernel time per top-level module (node names like /layer1/layer1.0/conv1/Conv)."""
-    opts = ortbench._session_options(threads)
-    opts.enable_profiling = True
-    opts.profile_file_prefix = str(Path(path).with_suffix(""))
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).standard_normal((batch, *SHAPE), dtype=np.float32)
-    for _ in range(runs):
-        session.run(None, {"input": x})
-    events = json.loads(Path(session.end_profiling()).read_text())
+    events = ortbench.profile_events(path, batch, ortbench.SessionConfig(threads=threads), runs)
     times = collections.Counter()
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
@@ -126,7 +116,8 @@ def main():
             print(f"  {label:<22} percent {percent:.2f}: MACs cut {cuts[label]:.2f}×")
         print(f"{'setting':<22}{'variant':<24}{'dense p50 ms':>13}{'pruned p50 ms':>15}{'speedup':>9}{'÷ MACs cut':>12}")
         for batch, threads in ((1, 1), (64, os.cpu_count())):
-            stats = ortbench.time_sessions(paths, batch=batch, threads=threads, warmup=args.warmup, iters=args.iters)
+            stats = ortbench.time_sessions(paths, batch=batch, config=ortbench.SessionConfig(threads=threads),
+                                           warmup=args.warmup, iters=args.iters)
             for (label, cut), s in zip(cuts.items(), stats[1:]):
                 speedup = stats[0].p50 / s.p50
                 print(f"{f'batch {batch}, {threads} thr':<22}{label:<24}{stats[0].p50:>13.3f}{s.p50:>15.3f}"

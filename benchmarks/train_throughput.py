@@ -27,7 +27,7 @@ from slimdeploy.data import Normalize, Split, make_synthetic  # noqa: E402
 from slimdeploy.models import build_model  # noqa: E402
 from slimdeploy.recipe import TrainCfg  # noqa: E402
 from slimdeploy.sparsity import make_sparsifier  # noqa: E402
-from slimdeploy.train import autocast, resolve_precision, train, use_channels_last  # noqa: E402
+from slimdeploy.train import LoopSettings, autocast, resolve_precision, train, use_channels_last  # noqa: E402
 
 BARE_LOOPS = {"fp32": ("fp32", False), "fp32 channels_last": ("fp32", True), "bf16 channels_last": ("bf16", True)}
 
@@ -57,8 +57,8 @@ def bare_loop(name, data, batch, precision, channels_last):
 
 def trainer_epoch(model, data, batch, norm, sparsifier, seed) -> float:
     cfg = TrainCfg(epochs=1, lr=0.01, schedule="constant")  # precision: auto
-    return train(model, data, cfg, batch_size=batch, eval_batch_size=16, augment=True, normalize=norm,
-                 sparsifier=sparsifier, seed=seed, progress=False).seconds
+    loop = LoopSettings(batch_size=batch, eval_batch_size=16, augment=True, seed=seed)
+    return train(model, data, cfg, loop, normalize=norm, sparsifier=sparsifier, progress=False).seconds
 
 
 def main():

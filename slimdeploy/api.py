@@ -213,6 +213,6 @@ def export_onnx(model: nn.Module, path, example_inputs: torch.Tensor, verify: bo
 def benchmark(paths, batch: int = 1, threads: int = 1, iters: int = 100, warmup: int = 10) -> list[dict]:
     """ONNX Runtime latency of each model, timed interleaved; one row per model with its speedup
     against the first."""
-    stats = ortbench.time_sessions([str(p) for p in paths], batch=batch, threads=threads, warmup=warmup,
-                                   iters=iters)
+    config = ortbench.SessionConfig(threads=threads)
+    stats = ortbench.time_sessions([str(p) for p in paths], batch=batch, config=config, warmup=warmup, iters=iters)
     return [{"model": str(p), **s.to_dict(), "speedup": stats[0].p50 / s.p50} for p, s in zip(paths, stats)]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -18,8 +20,9 @@ with warnings.catch_warnings():  # thop compares versions with the deprecated di
     warnings.simplefilter("ignore", DeprecationWarning)
     import thop
 
-from .export import eval_mode
-from .ortbench import LatencyStats, latency_stats
+from slimdeploy import ortbench
+from slimdeploy.export import eval_mode
+from slimdeploy.ortbench import LatencyStats, SessionConfig, latency_stats
 
 
 def count_params(model: nn.Module) -> int:
@@ -77,17 +80,15 @@ def torch_latency(
     return [latency_stats(s, batch, threads) for s in samples]
 
 
+# Loads ortbench.py as a single file: importing the slimdeploy package would count torch in the peak.
 _RSS_CHILD = """
-import resource, sys
+import json, resource, runpy, sys
 import numpy as np
-import onnxruntime as ort
-path, batch = sys.argv[1], int(sys.argv[2])
-opts = ort.SessionOptions()
-opts.intra_op_num_threads = 1
-sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+ortbench = runpy.run_path(sys.argv[1])
+path, batch, config = sys.argv[2], int(sys.argv[3]), ortbench["SessionConfig"](**json.loads(sys.argv[4]))
+sess = ortbench["make_session"](path, config)
 inp = sess.get_inputs()[0]
-shape = [d if isinstance(d, int) and d > 0 else batch for d in inp.shape]
-sess.run(None, {inp.name: np.zeros(shape, dtype=np.float32)})
+sess.run(None, {inp.name: np.zeros(ortbench["input_shape_for"](sess, batch), dtype=np.float32)})
 try:  # VmHWM belongs to this process image; ru_maxrss on Linux can carry the parent's peak across exec
     hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
     print(int(hwm.split()[1]) / 2**10)  # KiB
@@ -97,10 +98,12 @@ except OSError:
 """
 
 
-def peak_rss_mb(onnx_path, batch: int = 1) -> float:
-    """Peak RSS (MiB) of a fresh interpreter that loads the model in ORT and runs one batch."""
+def peak_rss_mb(onnx_path, batch: int = 1, config: SessionConfig | None = None) -> float:
+    """Peak RSS (MiB) of a fresh interpreter that loads the model in ORT and runs one batch, in a session
+    set up by ``config`` (default: one thread)."""
+    config_json = json.dumps(dataclasses.asdict(config or SessionConfig()))
     out = subprocess.run(
-        [sys.executable, "-c", _RSS_CHILD, str(onnx_path), str(batch)],
+        [sys.executable, "-c", _RSS_CHILD, ortbench.__file__, str(onnx_path), str(batch), config_json],
         capture_output=True, text=True, check=True,
     )
     return float(out.stdout.strip().splitlines()[-1])

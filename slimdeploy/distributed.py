@@ -7,6 +7,7 @@ the same update, and only rank 0 writes files, exports and benchmarks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -53,6 +54,16 @@ def wrap(model: nn.Module, procs: Processes, device: torch.device) -> nn.Module:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(procs: Processes):
+    """Rank 0 runs the block (e.g. a download) before the other ranks do."""
+    if not procs.main:
+        barrier()
+    yield
+    if procs.main:
+        barrier()
 
 
 def teardown() -> None:

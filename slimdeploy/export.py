@@ -12,12 +12,11 @@ import re
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from onnxruntime.quantization import (
     CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, create_calibrator, quantize_static,
@@ -27,6 +26,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
 from slimdeploy.errors import SlimdeployError
+from slimdeploy.ortbench import SessionConfig, make_session
 
 
 class ExportError(SlimdeployError, RuntimeError):
@@ -42,6 +42,7 @@ class ExportCheck:
     max_abs_diff: float
     max_abs_logit: float
     opset: int
+    session: dict = field(default_factory=dict)  # SessionConfig.describe() of the session that ran it
 
 
 @contextlib.contextmanager
@@ -192,14 +193,14 @@ def _opset_of(path: Path) -> int:
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _cpu_session(path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+# onnxruntime's own thread count (one per physical core): verification is not timed.
+VERIFY_SESSION = SessionConfig(threads=0)
 
 
-def verify_onnx(model: nn.Module, path, inputs: torch.Tensor, tolerance: float = 1e-4) -> ExportCheck:
-    """Compare ONNX Runtime (CPU) against the PyTorch model on one batch.
+def verify_onnx(model: nn.Module, path, inputs: torch.Tensor, tolerance: float = 1e-4,
+                session: SessionConfig = VERIFY_SESSION) -> ExportCheck:
+    """Compare ONNX Runtime against the PyTorch model on one batch, in a session set up by ``session``
+    (recorded in the result).
 
     Raises ExportError if ONNX Runtime cannot run the file, ExportMismatchError if
     max|ORT - PyTorch| > tolerance * max|logit|.
@@ -210,13 +211,14 @@ def verify_onnx(model: nn.Module, path, inputs: torch.Tensor, tolerance: float =
     with eval_mode(cpu_model), torch.no_grad():
         expected = cpu_model(x).numpy()
     try:
-        got = _cpu_session(path).run(["logits"], {"input": x.numpy()})[0]
+        got = make_session(path, session).run(["logits"], {"input": x.numpy()})[0]
     except Exception as err:  # onnxruntime's errors derive from Exception only
         raise ExportError(f"{path}: ONNX Runtime cannot run the export: {first_line(err)}") from err
     check = ExportCheck(
         max_abs_diff=float(np.max(np.abs(got - expected))),
         max_abs_logit=float(np.max(np.abs(expected))),
         opset=_opset_of(path),
+        session=session.describe(),
     )
     if not check.max_abs_diff <= tolerance * check.max_abs_logit:
         raise ExportMismatchError(

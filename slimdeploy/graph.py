@@ -18,7 +18,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from slimdeploy.errors import ModelError, SlimdeployError
-from slimdeploy.sparsity import BN_TYPES
+from slimdeploy.bn import is_affine_bn
 
 
 class GraphError(SlimdeployError, RuntimeError):
@@ -173,8 +173,9 @@ def _check_reshapes(model: nn.Module, dg: tp.DependencyGraph, shapes: dict) -> N
 
 
 def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
-    if not any(isinstance(m, BN_TYPES) for m in model.modules()):
-        raise ModelError(f"{type(model).__name__} has no BatchNorm layer: network slimming needs BN scaling factors")
+    if not any(is_affine_bn(m) for m in model.modules()):
+        raise ModelError(f"{type(model).__name__} has no BatchNorm layer with a learnable γ: network slimming "
+                         f"needs BN scaling factors")
     was_training = model.training
     model.eval()
     try:
@@ -206,7 +207,7 @@ def channel_groups(model: nn.Module, dg: tp.DependencyGraph) -> list[ChannelGrou
             module = item.dep.target.module
             if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not _is_depthwise(module):
                 ch_groups = math.lcm(ch_groups, module.groups)
-            if isinstance(module, BN_TYPES) and module.weight is not None:
+            if is_affine_bn(module):
                 name = names[module]
                 slot = slots.setdefault(name, BNSlot(name, [], []))
                 slot.bn_idxs.extend(int(i) for i in item.idxs)

@@ -205,7 +205,8 @@ def load_table(path: Path, key: str, specs: list[ConvSpec], batch: int, threads:
         table = stored
     missing = [s for s in specs if s.key() not in table["entries"]]
     if missing or CALL_OVERHEAD_KEY not in table["entries"]:
-        table["entries"].update(ortbench.time_layers(missing, batch, threads, iters=iters))
+        config = ortbench.SessionConfig(threads=threads)
+        table["entries"].update(ortbench.time_layers(missing, batch, config=config, iters=iters))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(table, indent=1))
@@ -352,7 +353,8 @@ def _next_budget(rounds: list[dict]) -> float:
 # --- the measured correction loop --------------------------------------------------------------------
 
 def _time_pair(dense_path, pruned_path, batch, threads, iters):
-    dense, pruned = ortbench.time_sessions([str(dense_path), str(pruned_path)], batch=batch, threads=threads,
+    dense, pruned = ortbench.time_sessions([str(dense_path), str(pruned_path)], batch=batch,
+                                           config=ortbench.SessionConfig(threads=threads),
                                            warmup=max(iters // 10, 5), iters=iters)
     return dense.p50, pruned.p50
 
@@ -378,7 +380,8 @@ def fit_to_latency(dense: nn.Module, example: torch.Tensor, graph, groups: list[
 
     with tempfile.TemporaryDirectory() as tmp:
         dense_path = export_onnx(dense, Path(tmp) / "dense.onnx", input_shape)
-        dense_ms = ortbench.time_sessions([str(dense_path)], batch=batch, threads=threads,
+        dense_ms = ortbench.time_sessions([str(dense_path)], batch=batch,
+                                          config=ortbench.SessionConfig(threads=threads),
                                           warmup=max(iters // 10, 5), iters=iters)[0].p50
         # What the table does not see (adds, pools, the head) mostly scales with the widths too: the
         # model's latency is taken as proportional to its convs'.

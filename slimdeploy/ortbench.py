@@ -6,6 +6,8 @@ Self-contained so it can be copied to an edge device and run as a script:
 
 Models are timed interleaved (A B A B ...) so that drift of the machine (thermal
 throttling, background load) affects every model alike.
+
+Every onnxruntime session slimdeploy opens is made here (`make_session`), set up by a `SessionConfig`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import onnxruntime as ort
@@ -48,23 +51,86 @@ def latency_stats(samples_ns, batch: int, threads: int) -> LatencyStats:
     )
 
 
-def _session_options(threads: int, spinning: bool = True) -> ort.SessionOptions:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3  # errors only
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return opts
+# onnxruntime's graph optimisation levels by the names SessionConfig takes.
+OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+              "all": "ORT_ENABLE_ALL"}
+SPINNING_KEY = "session.intra_op.allow_spinning"
 
 
-def make_session(path, threads: int, provider: str = "CPUExecutionProvider",
-                 spinning: bool = True) -> ort.InferenceSession:
-    """A session on an ONNX file, or on a serialized model given as bytes."""
+@dataclass(frozen=True)
+class SessionConfig:
+    """How an onnxruntime session is set up. Verification, accuracy, memory and timing all build their
+    sessions from one of these, so they run under settings a report can state.
+
+    ``threads`` is onnxruntime's intra-op pool size (0: its default, one per physical core),
+    ``spinning`` whether idle pool threads spin-wait (see `spinning_for`), ``opt_level`` one of
+    `OPT_LEVELS`.
+    """
+
+    threads: int = 1
+    spinning: bool = True
+    provider: str = "CPUExecutionProvider"
+    opt_level: str = "all"
+
+    def __post_init__(self):
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"threads must be an integer >= 0 (0: onnxruntime's default), got {self.threads!r}")
+        if self.opt_level not in OPT_LEVELS:
+            raise ValueError(f"opt_level must be one of {', '.join(OPT_LEVELS)}, got {self.opt_level!r}")
+        if self.provider not in ort.get_available_providers():
+            raise ValueError(f"provider {self.provider!r} is not available; this onnxruntime has "
+                             f"{', '.join(ort.get_available_providers())}")
+
+    def options(self) -> ort.SessionOptions:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[self.opt_level])
+        opts.log_severity_level = 3  # errors only
+        if not self.spinning:
+            opts.add_session_config_entry(SPINNING_KEY, "0")
+        return opts
+
+    def describe(self) -> dict:
+        """The settings as a report records them."""
+        return {
+            "provider": self.provider,
+            "intra_op_num_threads": self.threads,
+            "inter_op_num_threads": 1,
+            "intra_op_spinning": self.spinning,
+            "execution_mode": "ORT_SEQUENTIAL",
+            "graph_optimization_level": OPT_LEVELS[self.opt_level],
+            "onnxruntime": ort.__version__,
+        }
+
+    def for_timing(self, n_models: int) -> "SessionConfig":
+        """The settings for timing ``n_models`` sessions interleaved: spinning off for several."""
+        return replace(self, spinning=self.spinning and spinning_for(n_models))
+
+
+def make_session(path, config: SessionConfig | None = None, *,
+                 profile_prefix: str | None = None) -> ort.InferenceSession:
+    """A session on an ONNX file, or on a serialized model given as bytes; with ``profile_prefix``,
+    onnxruntime profiles it into a JSON file of that prefix (see `profile_events`)."""
+    config = config or SessionConfig()
+    opts = config.options()
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     model = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(model, _session_options(threads, spinning), providers=[provider])
+    return ort.InferenceSession(model, opts, providers=[config.provider])
+
+
+class OrtPredictor:
+    """An onnxruntime session as a function: a float32 batch in, the first output (the logits) out."""
+
+    def __init__(self, path, config: SessionConfig | None = None):
+        self.session = make_session(path, config)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
 
 
 def spinning_for(n_models: int) -> bool:
@@ -75,19 +141,6 @@ def spinning_for(n_models: int) -> bool:
     and 80 ms interleaved without it. So only a model timed alone keeps the default.
     """
     return n_models == 1
-
-
-def session_options_dict(threads: int, provider: str = "CPUExecutionProvider", spinning: bool = True) -> dict:
-    """The session settings used by make_session, for reports."""
-    return {
-        "provider": provider,
-        "intra_op_num_threads": threads,
-        "inter_op_num_threads": 1,
-        "intra_op_spinning": spinning,
-        "execution_mode": "ORT_SEQUENTIAL",
-        "graph_optimization_level": "ORT_ENABLE_ALL",
-        "onnxruntime": ort.__version__,
-    }
 
 
 def input_shape_for(session: ort.InferenceSession, batch: int) -> tuple[int, ...]:
@@ -114,25 +167,33 @@ def _progress(total: int, enabled: bool):
     return None
 
 
-def time_sessions(
-    paths: list,
-    batch: int = 1,
-    threads: int = 1,
-    warmup: int = 20,
-    iters: int = 200,
-    provider: str = "CPUExecutionProvider",
-    progress: bool = False,
-) -> list[LatencyStats]:
-    """Time each model `iters` times, interleaved, after `warmup` discarded rounds."""
-    sessions = [make_session(p, threads, provider, spinning_for(len(paths))) for p in paths]
+def _random_feeds(sessions: list, batch: int) -> list[dict]:
+    """One random input per session; sessions with equal input shapes get the same array."""
     rng = np.random.default_rng(0)
-    inputs: dict[tuple, np.ndarray] = {}  # models with equal input shapes get the same array
+    inputs: dict[tuple, np.ndarray] = {}
     feeds = []
     for sess in sessions:
         shape = input_shape_for(sess, batch)
         if shape not in inputs:
             inputs[shape] = rng.standard_normal(shape, dtype=np.float32)
         feeds.append({sess.get_inputs()[0].name: inputs[shape]})
+    return feeds
+
+
+def time_sessions(
+    paths: list,
+    batch: int = 1,
+    *,
+    config: SessionConfig | None = None,
+    warmup: int = 20,
+    iters: int = 200,
+    progress: bool = False,
+) -> list[LatencyStats]:
+    """Time each model `iters` times, interleaved, after `warmup` discarded rounds, in sessions set up
+    by ``config.for_timing(len(paths))``."""
+    config = (config or SessionConfig()).for_timing(len(paths))
+    sessions = [make_session(p, config) for p in paths]
+    feeds = _random_feeds(sessions, batch)
     outputs = [[o.name for o in s.get_outputs()] for s in sessions]
 
     samples = [np.empty(iters, dtype=np.int64) for _ in sessions]
@@ -148,7 +209,19 @@ def time_sessions(
             bar.update(1)
     if bar is not None:
         bar.close()
-    return [latency_stats(s, batch, threads) for s in samples]
+    return [latency_stats(s, batch, config.threads) for s in samples]
+
+
+def profile_events(path, batch: int = 1, config: SessionConfig | None = None, runs: int = 20) -> list[dict]:
+    """onnxruntime's profile of `runs` batches of random input: its trace events (``cat`` ``Node``
+    events carry each kernel's ``dur`` in µs). The profile file is written to a temporary folder."""
+    with tempfile.TemporaryDirectory() as folder:
+        session = make_session(path, config, profile_prefix=os.path.join(folder, "profile"))
+        (feed,) = _random_feeds([session], batch)
+        for _ in range(runs):
+            session.run(None, feed)
+        with open(session.end_profiling()) as f:
+            return json.load(f)
 
 
 # --- Latency tables: one convolution at a time ------------------------------------------------------
@@ -249,17 +322,18 @@ def table_settings(batch: int, threads: int) -> dict:
             "cpu_count": os.cpu_count()}
 
 
-def time_layers(specs, batch: int = 1, threads: int = 1, warmup: int = 10, iters: int = 50) -> dict[str, float]:
+def time_layers(specs, batch: int = 1, *, config: SessionConfig | None = None, warmup: int = 10,
+                iters: int = 50) -> dict[str, float]:
     """Median latency (ms) of each ConvSpec run alone, by its key, plus the per-call overhead (``call``)."""
     table = {}
     for spec in [CALL_OVERHEAD_SPEC, *specs]:
         key = CALL_OVERHEAD_KEY if spec is CALL_OVERHEAD_SPEC else spec.key()
         if key not in table:
-            table[key] = time_sessions([spec.onnx_bytes()], batch, threads, warmup, iters)[0].p50
+            table[key] = time_sessions([spec.onnx_bytes()], batch, config=config, warmup=warmup, iters=iters)[0].p50
     return table
 
 
-def build_table_file(layers_path, out_path, batch: int, threads: int, warmup: int, iters: int) -> dict:
+def build_table_file(layers_path, out_path, batch: int, config: SessionConfig, warmup: int, iters: int) -> dict:
     """Time the layers a JSON description lists (``{"key": ..., "layers": [ConvSpec fields, ...]}``) and
     write the table ``{"key", "settings", "entries": {layer key: ms}}``."""
     with open(layers_path) as f:
@@ -270,8 +344,8 @@ def build_table_file(layers_path, out_path, batch: int, threads: int, warmup: in
         specs = [ConvSpec.from_dict(raw) for raw in description["layers"]]
     except TypeError as err:
         raise ValueError(f"{layers_path}: a layer is not a conv description ({err})") from None
-    table = {"key": description.get("key"), "settings": table_settings(batch, threads),
-             "entries": time_layers(specs, batch, threads, warmup, iters)}
+    table = {"key": description.get("key"), "settings": table_settings(batch, config.threads),
+             "entries": time_layers(specs, batch, config=config, warmup=warmup, iters=iters)}
     with open(out_path, "w") as f:
         json.dump(table, f, indent=1)
     return table
@@ -287,6 +361,7 @@ def _parse_args(argv):
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--provider", default="CPUExecutionProvider")
+    ap.add_argument("--opt-level", default="all", choices=list(OPT_LEVELS), help="graph optimisation level")
     ap.add_argument("--json", dest="json_path", help="write results to this JSON file")
     ap.add_argument("--progress", action="store_true", help="show a progress bar (needs tqdm)")
     return ap.parse_args(argv)
@@ -305,12 +380,12 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _table_mode(args) -> int:
+def _table_mode(args, config: SessionConfig) -> int:
     if args.models or not args.json_path:
         print("ortbench: error: --table takes no ONNX files and needs --json OUT", file=sys.stderr)
         return 2
     try:
-        table = build_table_file(args.table, args.json_path, args.batch, args.threads, args.warmup, args.iters)
+        table = build_table_file(args.table, args.json_path, args.batch, config, args.warmup, args.iters)
     except (OSError, ValueError) as err:
         print(f"ortbench: error: {err}", file=sys.stderr)
         return 2
@@ -320,8 +395,13 @@ def _table_mode(args) -> int:
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
+    try:
+        config = SessionConfig(threads=args.threads, provider=args.provider, opt_level=args.opt_level)
+    except ValueError as err:
+        print(f"ortbench: error: {err}", file=sys.stderr)
+        return 2
     if args.table:
-        return _table_mode(args)
+        return _table_mode(args, config)
     if not args.models:
         print("ortbench: error: give ONNX files, or --table LAYERS_JSON --json OUT", file=sys.stderr)
         return 2
@@ -329,10 +409,8 @@ def main(argv=None) -> int:
         if not os.path.isfile(path):
             print(f"ortbench: error: no such file: {path}", file=sys.stderr)
             return 2
-    stats = time_sessions(
-        args.models, batch=args.batch, threads=args.threads, warmup=args.warmup,
-        iters=args.iters, provider=args.provider, progress=args.progress,
-    )
+    stats = time_sessions(args.models, batch=args.batch, config=config, warmup=args.warmup, iters=args.iters,
+                          progress=args.progress)
     base = stats[0].p50
     results = [
         {
@@ -349,7 +427,7 @@ def main(argv=None) -> int:
         "threads": args.threads,
         "warmup": args.warmup,
         "iters": args.iters,
-        "session": session_options_dict(args.threads, args.provider, spinning_for(len(args.models))),
+        "session": config.for_timing(len(args.models)).describe(),
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),

@@ -59,6 +59,7 @@ __all__ = [
     "MCPPenalty",
     "SCADPenalty",
     "get",
+    "gisa_prox_abs",
 ]
 
 PENALTY_NAMES = ("l1", "lp", "tl1", "mcp", "scad")
@@ -201,29 +202,37 @@ class LpPenalty(Penalty):
             A = torch.sqrt(2.0 * y)
             x = (0.5 * (A + torch.sqrt((2.0 * us / A - A.pow(2)).clamp(min=0.0)))).pow(3)
         else:
-            x, tau = self._gisa(u, s)
+            return gisa_prox_abs(u, s, p)
         return torch.where(u > tau, x, torch.zeros_like(u))
 
-    def _gisa(self, u, s):
-        p = self.p
-        x_tau = (2.0 * s * (1.0 - p)) ** (1.0 / (2.0 - p))
-        c = s * p
-        tau = x_tau + c * x_tau ** (p - 1.0)
-        target = u.clamp(min=tau)
-        # f(x) = x + c*x**(p-1) - u is increasing and convex on [x_tau, inf) and the
-        # root lies there, so Newton from x = u decreases monotonically to it.  f is
-        # evaluated to about eps*u, so iterate until the steps are that small.
-        tol = 4.0 * torch.finfo(u.dtype).eps * target
-        x = target.clone()
-        for _ in range(60):
-            f = x + c * x.pow(p - 1.0) - target
-            fp = 1.0 - c * (1.0 - p) * x.pow(p - 2.0)
-            x_new = torch.clamp(x - f / fp, min=x_tau)
-            done = bool(((x - x_new).abs() <= tol).all())
-            x = x_new
-            if done:
-                break
-        return x, tau
+
+def gisa_prox_abs(u: torch.Tensor, s: float, p: float) -> torch.Tensor:
+    """Minimiser over x >= 0 of ``0.5*(x-u)**2 + s*x**p`` for ``u >= 0`` and any 0 < p < 1, by GISA
+    (Zuo et al. 2013): 0 up to the threshold ``tau``, above it the root of ``x + s*p*x**(p-1) = u``.
+
+    :class:`LpPenalty` uses it where no closed form exists (p other than 1/2 and 2/3); for those two it
+    is the independent reference the closed forms are checked against.
+    """
+    if not (0.0 < s < math.inf and 0.0 < p < 1.0):
+        raise ValueError(f"gisa_prox_abs needs a finite s > 0 and p in (0, 1), got s={s}, p={p}")
+    x_tau = (2.0 * s * (1.0 - p)) ** (1.0 / (2.0 - p))
+    c = s * p
+    tau = x_tau + c * x_tau ** (p - 1.0)
+    target = u.clamp(min=tau)
+    # f(x) = x + c*x**(p-1) - u is increasing and convex on [x_tau, inf) and the
+    # root lies there, so Newton from x = u decreases monotonically to it.  f is
+    # evaluated to about eps*u, so iterate until the steps are that small.
+    tol = 4.0 * torch.finfo(u.dtype).eps * target
+    x = target.clone()
+    for _ in range(60):
+        f = x + c * x.pow(p - 1.0) - target
+        fp = 1.0 - c * (1.0 - p) * x.pow(p - 2.0)
+        x_new = torch.clamp(x - f / fp, min=x_tau)
+        done = bool(((x - x_new).abs() <= tol).all())
+        x = x_new
+        if done:
+            break
+    return torch.where(u > tau, x, torch.zeros_like(u))
 
 
 class TL1Penalty(Penalty):

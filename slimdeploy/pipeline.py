@@ -1,8 +1,10 @@
 """The stages glued: sparse training → plan → prune → fine-tune → export → benchmark → report.
 
-Every stage leaves its result in the run directory. With ``resume`` the training stages continue
-from their checkpoints (a finished one is not rerun); planning, pruning, export and benchmarks are
-deterministic and redone.
+Each stage is a function ``stage(ctx, ...)`` of a RunContext, created once per run, and returns one of
+the report's types (slimdeploy.results). Every stage leaves its result in the run directory (RunDir
+names the files; only rank 0 writes them). With ``resume`` the training stages continue from their
+checkpoints (a finished one is not rerun); planning, pruning, export and benchmarks are deterministic
+and redone.
 """
 
 from __future__ import annotations
@@ -10,33 +12,43 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from torch import nn
 
-from slimdeploy import api, bench, distributed, export, ortbench, runtimes
-from slimdeploy.data import Dataset, Normalize, eval_batches, first_images, load_dataset
+from slimdeploy import api, bench, distributed, export, logs, ortbench, runtimes
+from slimdeploy.accuracy import top1
+from slimdeploy.data import Dataset, Normalize, first_images, load_dataset
 from slimdeploy.models import build_model
 from slimdeploy.plan import ChannelPlan
 from slimdeploy.prune import layer_widths, zero_bn_channels
 from slimdeploy.recipe import Recipe
+from slimdeploy.results import (
+    ExportSummary, Int8LatencyRow, Int8Model, Int8Summary, LatencyRow, LayerWidth, ModelSummary, Percentiles,
+    ProximalSummary, PruningSummary, RunReport, SparsitySummary, Speedup, StageHistory, ZeroedGammaCheck,
+)
+from slimdeploy.rundir import MODELS, RunDir
 from slimdeploy.sparsity import ProximalSparsifier, Sparsifier, make_sparsifier
-from slimdeploy.report import plot_latency, plot_scores, plot_widths, write_json, write_markdown
-from slimdeploy.train import evaluate, load_checkpoint, save_atomic, train, use_channels_last
+from slimdeploy.train import LoopSettings, TrainResult, evaluate, train, use_channels_last
 
 EXPORTS = ("onnx", "onnx-int8")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class RunResult:
     out_dir: Path
-    report: dict
+    report: dict  # report.json's content; empty on the ranks other than 0
+    run_report: RunReport | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -60,12 +72,12 @@ def _fingerprint(*parts) -> str:
 
 def _train_stage(model, data, opt_cfg, recipe, sparsifier, normalize, ckpt, resume, progress, desc, procs, device,
                  fingerprint):
+    loop = LoopSettings(batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size,
+                        augment=recipe.data.augment, seed=recipe.seed, rank=procs.rank, world=procs.world,
+                        fingerprint=fingerprint, device=device)
     return train(
-        distributed.wrap(model, procs, device), data, opt_cfg,
-        batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size,
-        augment=recipe.data.augment, normalize=normalize, sparsifier=sparsifier,
-        seed=recipe.seed, checkpoint=ckpt, resume=resume, progress=progress and procs.main, desc=desc,
-        rank=procs.rank, world=procs.world, fingerprint=fingerprint,
+        distributed.wrap(model, procs, device), data, opt_cfg, loop, normalize=normalize, sparsifier=sparsifier,
+        checkpoint=ckpt, resume=resume, progress=progress, desc=desc,
     )
 
 
@@ -75,146 +87,283 @@ def _cpu_batch(normalize, split, n: int) -> torch.Tensor:
 
 
 @dataclass
+class RunContext:
+    """What every stage reads: the recipe, where its files go, the processes and the data."""
+
+    recipe: Recipe
+    run_dir: RunDir
+    data: Dataset
+    normalize: Normalize  # images to the model's device and memory format
+    procs: distributed.Processes = field(default_factory=distributed.Processes)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    resume: bool = False  # continue the training stages from their checkpoints
+    progress: bool = True  # progress bars
+    logger: logging.Logger = log
+
+
+class ModelPair(NamedTuple):
+    """The dense and the pruned model, on the CPU in eval mode, for export and benchmarks."""
+
+    dense: nn.Module
+    pruned: nn.Module
+
+
+def _load_data(recipe: Recipe, procs: distributed.Processes) -> Dataset:
+    with distributed.main_first(procs):  # rank 0 fetches the data set, if it has to, before the others read it
+        return load_dataset(recipe.data, recipe.seed)
+
+
+def _normalizer(recipe: Recipe, data: Dataset, device: torch.device) -> Normalize:
+    channels_last = use_channels_last(recipe.data.channels_last, device.type, recipe.train.precision)
+    return Normalize(data.mean, data.std, device, channels_last)
+
+
+def _build_model(ctx: RunContext) -> nn.Module:
+    cfg = ctx.recipe.model
+    model = build_model(cfg.name, ctx.data.num_classes, bn_init=cfg.bn_init, kwargs=cfg.kwargs, weights=cfg.weights)
+    return model.to(ctx.device, memory_format=ctx.normalize.memory_format)
+
+
+def sparse_train_stage(ctx: RunContext, model: nn.Module, sparsifier: Sparsifier) -> TrainResult:
+    """Train ``model`` with the sparsity penalty; its weights go to dense.pt."""
+    recipe = ctx.recipe
+    ctx.logger.info(f"sparse training: {recipe.model.name}, {recipe.sparsity.method}/{recipe.sparsity.penalty}, "
+                    f"{recipe.train.epochs} epochs on {len(ctx.data.train)} {ctx.data.name} images")
+    fingerprint = _fingerprint(_recipe_fields(recipe, "prune", "finetune", "export", "bench"))
+    trained = _train_stage(model, ctx.data, recipe.train, recipe, sparsifier, ctx.normalize,
+                           ctx.run_dir.sparse_checkpoint, ctx.resume, ctx.progress, "sparse", ctx.procs, ctx.device,
+                           fingerprint)
+    ctx.run_dir.save_weights("dense", model)
+    return trained
+
+
+@dataclass
 class PruneResult:
-    model: torch.nn.Module
+    model: nn.Module  # on the run's device
     plan: ChannelPlan
-    seconds: float
-    error_vs_zeroed_gamma: dict
+    summary: PruningSummary
+    accuracy: float  # top-1 (%) before fine-tuning
 
 
-def prune_stage(dense, scores, recipe: Recipe, data: Dataset, normalize) -> PruneResult:
-    """Plan from the BN scores and remove the channels from a copy of ``dense`` (a CPU model)."""
-    tic = time.perf_counter()
+def _prune_kwargs(recipe: Recipe) -> dict:
     kwargs = recipe.prune.prune_kwargs()
     if recipe.prune.how == "latency":  # the budget is met where the report's first latency is measured
         batch, threads = next(((s.batch, s.threads) for s in recipe.bench.settings), (1, 1))
         kwargs.update(latency_batch=batch, latency_threads=_threads(threads))
-    outcome = api.prune_with_record(
-        dense, _cpu_batch(normalize, data.train, recipe.prune.calibration_images), scores,
-        **kwargs, model_name=recipe.model.name, model_kwargs=recipe.model.kwargs,
-    )
-    seconds = time.perf_counter() - tic
-    x = _cpu_batch(normalize, data.test, 64)
+    return kwargs
+
+
+def _zeroed_gamma_check(ctx: RunContext, dense: nn.Module, outcome: api.PruneOutcome) -> ZeroedGammaCheck:
+    """The pruned model against ``dense`` with the removed BN channels zeroed, on test images."""
+    x = _cpu_batch(ctx.normalize, ctx.data.test, 64)
     with torch.no_grad():
         ref = zero_bn_channels(copy.deepcopy(dense), outcome.zeroed_bn_channels)(x)
-        error = {"max_abs_diff": float((outcome.model(x) - ref).abs().max()),
-                 "max_abs_logit": float(ref.abs().max()), "images": len(x)}
-    return PruneResult(outcome.model, outcome.plan, seconds, error)
+        return ZeroedGammaCheck(float((outcome.model(x) - ref).abs().max()), float(ref.abs().max()), len(x))
 
 
-def export_stage(dense, pruned, paths, data: Dataset, normalize, cfg) -> dict:
+def _proximal_summary(sparsifier: Sparsifier) -> ProximalSummary | None:
+    if isinstance(sparsifier, ProximalSparsifier):
+        return ProximalSummary(**sparsifier.zero_summary())
+    return None
+
+
+def _pruning_summary(ctx: RunContext, dense: nn.Module, outcome: api.PruneOutcome, seconds: float,
+                     proximal: ProximalSummary | None) -> PruningSummary:
+    plan = outcome.plan
+    before, after = layer_widths(dense), layer_widths(outcome.model)
+    return PruningSummary(
+        how=plan.how, channels_total=plan.channels_total, channels_kept=plan.channels_kept, groups=len(plan.groups),
+        score_cut=plan.score_cut, round_to=plan.round_to, seconds=seconds, compensated=ctx.recipe.prune.compensate,
+        error_vs_zeroed_gamma=_zeroed_gamma_check(ctx, dense, outcome),
+        layers=[LayerWidth(name, before[name], after[name]) for name in before], proximal=proximal,
+    )
+
+
+def prune_stage(ctx: RunContext, dense: nn.Module, sparsifier: Sparsifier) -> PruneResult:
+    """Plan from the sparsifier's BN scores and remove the channels from a copy of ``dense`` (a CPU model);
+    the plan and the score and width plots go to the run directory."""
+    recipe, scores = ctx.recipe, sparsifier.scores()
+    tic = time.perf_counter()
+    outcome = api.prune_with_record(
+        dense, _cpu_batch(ctx.normalize, ctx.data.train, recipe.prune.calibration_images), scores,
+        **_prune_kwargs(recipe), model_name=recipe.model.name, model_kwargs=recipe.model.kwargs,
+    )
+    seconds = time.perf_counter() - tic
+    proximal = _proximal_summary(sparsifier)
+    summary = _pruning_summary(ctx, dense, outcome, seconds, proximal)
+    ctx.run_dir.write_plan(outcome.plan)
+    flat_scores = torch.cat([s.flatten().cpu() for s in scores.values()]).double().numpy()
+    ctx.run_dir.write_pruning_plots(flat_scores, "|ξ|" if proximal else "|γ|", summary.layers)
+    model = outcome.model.to(ctx.device, memory_format=ctx.normalize.memory_format)
+    accuracy = evaluate(model, ctx.data.test, ctx.normalize, recipe.data.eval_batch_size, ctx.progress)
+    ctx.logger.info(f"pruned {summary.channels_total - summary.channels_kept} of {summary.channels_total} channels "
+                    f"in {summary.seconds:.1f} s; accuracy {accuracy:.2f}% before fine-tuning")
+    return PruneResult(model, outcome.plan, summary, accuracy)
+
+
+def finetune_stage(ctx: RunContext, pruning: PruneResult) -> TrainResult | None:
+    """Fine-tune the pruned model without penalty, if the recipe gives epochs; its weights go to pruned.pt."""
+    recipe, model = ctx.recipe, pruning.model
+    finetuned = None
+    if recipe.finetune.epochs > 0:
+        fingerprint = _fingerprint(_recipe_fields(recipe, "export", "bench"), asdict(pruning.plan))
+        finetuned = _train_stage(model, ctx.data, recipe.finetune, recipe, Sparsifier(model), ctx.normalize,
+                                 ctx.run_dir.finetune_checkpoint, ctx.resume, ctx.progress, "finetune", ctx.procs,
+                                 ctx.device, fingerprint)
+    ctx.run_dir.save_weights("pruned", model)
+    return finetuned
+
+
+def export_stage(ctx: RunContext, models: ModelPair) -> ExportSummary:
     """Both models to ONNX, each checked in onnxruntime against PyTorch (raises on a mismatch)."""
-    check = _cpu_batch(normalize, data.test, cfg.check_batch)
+    cfg = ctx.recipe.export
+    check = _cpu_batch(ctx.normalize, ctx.data.test, cfg.check_batch)
     results = []
-    for model, path in zip((dense, pruned), paths):
-        export.export_onnx(model, path, data.input_shape, opset=cfg.opset)
+    for model, path in zip(models, ctx.run_dir.onnx_files()):
+        export.export_onnx(model, path, ctx.data.input_shape, opset=cfg.opset)
         results.append(export.verify_onnx(model, path, check, tolerance=cfg.tolerance))
     d, p = results
-    return {"max_abs_diff": p.max_abs_diff, "max_abs_logit": p.max_abs_logit, "opset": p.opset,
-            "tolerance": cfg.tolerance, "dense_max_abs_diff": d.max_abs_diff, "dense_max_abs_logit": d.max_abs_logit}
+    ctx.logger.info(f"ONNX verified: max |ORT - PyTorch| {p.max_abs_diff:.3g} (max |logit| {p.max_abs_logit:.3g})")
+    return ExportSummary(max_abs_diff=p.max_abs_diff, max_abs_logit=p.max_abs_logit, opset=p.opset,
+                         tolerance=cfg.tolerance, dense_max_abs_diff=d.max_abs_diff,
+                         dense_max_abs_logit=d.max_abs_logit, session=p.session)
 
 
-def _ort_accuracy(path, data: Dataset, normalize, batch: int = 256) -> float:
+def _ort_accuracy(path: Path, ctx: RunContext) -> float:
     """Top-1 accuracy (%) of an ONNX model in onnxruntime over the whole test split."""
-    sess = ortbench.make_session(path, threads=_threads(0))
-    name = sess.get_inputs()[0].name
-    correct = seen = 0
-    for images, labels in eval_batches(data.test, batch):
-        logits = sess.run(None, {name: normalize(images).cpu().contiguous().numpy()})[0]
-        correct += int((logits.argmax(1) == labels.numpy()).sum())
-        seen += len(labels)
-    return 100.0 * correct / seen
+    predictor = ortbench.OrtPredictor(path, ortbench.SessionConfig(threads=_threads(0)))
+    return top1(predictor, ctx.data.test, ctx.normalize, 256)
 
 
-def _int8_stage(out: Path, data, normalize, recipe, progress) -> dict:
+def _int8_model(ctx: RunContext, fp32: Path, int8: Path) -> Int8Model:
+    return Int8Model(onnx=str(int8), onnx_bytes=bench.file_size(int8),
+                     accuracy=_ort_accuracy(int8, ctx),
+                     fp32_accuracy=_ort_accuracy(fp32, ctx))
+
+
+def _int8_latency(ctx: RunContext, paths: list[Path], setting) -> Int8LatencyRow:
+    """``paths``: dense and pruned FP32, then dense and pruned INT8. FP32 is timed again beside INT8,
+    interleaved in one session set, so the two compare fairly."""
+    threads = _threads(setting.threads)
+    dense32, pruned32, dense8, pruned8 = ortbench.time_sessions(
+        paths, batch=setting.batch, config=ortbench.SessionConfig(threads=threads), warmup=ctx.recipe.bench.warmup,
+        iters=ctx.recipe.bench.iters, progress=ctx.progress,
+    )
+    return Int8LatencyRow(batch=setting.batch, threads=threads, dense_fp32=dense32, pruned_fp32=pruned32,
+                          dense=dense8, pruned=pruned8,
+                          speedup_vs_fp32=Speedup(dense32.p50 / dense8.p50, pruned32.p50 / pruned8.p50))
+
+
+def int8_stage(ctx: RunContext) -> Int8Summary:
     """Both ONNX models quantized for the recipe's INT8 target; accuracy and latency beside FP32."""
-    cfg = recipe.export
+    cfg = ctx.recipe.export
     target = export.resolve_int8_target(cfg.int8_target)
     types = export.int8_types(target)
-    calib = _cpu_batch(normalize, data.train, cfg.int8_calibration_images).numpy()
-    result = {"target": target, **types, "format": "QDQ, per-channel weights", "calibration": cfg.int8_calibration,
-              "calibration_images": len(calib), "latency": []}
-    fp32 = {name: out / f"{name}.onnx" for name in ("dense", "pruned")}
-    int8 = {}
-    for name, path in fp32.items():
-        int8[name] = export.quantize_int8(path, out / f"{name}.int8.onnx", calib, method=cfg.int8_calibration,
-                                          **types)
-        result[name] = {
-            "onnx": str(int8[name]),
-            "onnx_bytes": bench.file_size(int8[name]),
-            "accuracy": _ort_accuracy(int8[name], data, normalize),
-            "fp32_accuracy": _ort_accuracy(path, data, normalize),
-        }
-    for s in recipe.bench.settings:
-        # FP32 timed again beside INT8, interleaved in one session set, so the two compare fairly.
-        stats = ortbench.time_sessions(
-            [*fp32.values(), *int8.values()], batch=s.batch, threads=_threads(s.threads),
-            warmup=recipe.bench.warmup, iters=recipe.bench.iters, progress=progress,
-        )
-        result["latency"].append({"batch": s.batch, "threads": _threads(s.threads),
-                                  "dense_fp32": stats[0].to_dict(), "pruned_fp32": stats[1].to_dict(),
-                                  "dense": stats[2].to_dict(), "pruned": stats[3].to_dict(),
-                                  "speedup_vs_fp32": {"dense": stats[0].p50 / stats[2].p50,
-                                                      "pruned": stats[1].p50 / stats[3].p50}})
-    return result
+    calib = _cpu_batch(ctx.normalize, ctx.data.train, cfg.int8_calibration_images).numpy()
+    fp32 = ctx.run_dir.onnx_files()
+    int8 = [export.quantize_int8(path, ctx.run_dir.int8_onnx(name), calib, method=cfg.int8_calibration, **types)
+            for name, path in zip(MODELS, fp32)]
+    dense, pruned = [_int8_model(ctx, path32, path8) for path32, path8 in zip(fp32, int8)]
+    return Int8Summary(
+        target=target, **types, format="QDQ, per-channel weights", calibration=cfg.int8_calibration,
+        calibration_images=len(calib), latency=[_int8_latency(ctx, fp32 + int8, s) for s in ctx.recipe.bench.settings],
+        dense=dense, pruned=pruned,
+    )
 
 
-def _model_summary(model, shape, accuracy, onnx_path) -> dict:
+def _model_summary(model: nn.Module, shape, accuracy: float | None, onnx_path: Path | None,
+                   latency_ms: Percentiles | None) -> ModelSummary:
     macs = bench.count_macs(model, shape)
-    summary = {
-        "params": bench.count_params(model),
-        "macs": macs,
-        "flops": 2 * macs,
-        "macs_flop_counter": bench.count_flop_counter_macs(model, shape),
-        "accuracy": accuracy,
-        "onnx": str(onnx_path) if onnx_path else None,
-        "latency_ms": None,
-    }
-    if onnx_path:
-        summary["onnx_bytes"] = bench.file_size(onnx_path)
-        summary["peak_rss_mb"] = bench.peak_rss_mb(onnx_path)
-    return summary
+    return ModelSummary(
+        params=bench.count_params(model), macs=macs, flops=2 * macs,
+        macs_flop_counter=bench.count_flop_counter_macs(model, shape), accuracy=accuracy,
+        onnx=str(onnx_path) if onnx_path else None, latency_ms=latency_ms,
+        onnx_bytes=bench.file_size(onnx_path) if onnx_path else None,
+        peak_rss_mb=bench.peak_rss_mb(onnx_path) if onnx_path else None,
+    )
 
 
-def _verify_runtimes(dense, pruned, onnx_paths, data: Dataset, normalize, recipe) -> dict:
+def _model_summaries(ctx: RunContext, models: ModelPair, accuracies: tuple[float | None, float | None],
+                     onnx_paths: list[Path], latency: list[LatencyRow]) -> list[ModelSummary]:
+    """Dense and pruned: size, MACs and accuracy; with an export, the ONNX file and its first ORT latency."""
+    first_ort = next((row for row in latency if row.backend == "onnxruntime"), None)
+    latencies = [Percentiles.of(first_ort.dense), Percentiles.of(first_ort.pruned)] if first_ort else [None, None]
+    return [_model_summary(model, ctx.data.input_shape, accuracy, path, ms)
+            for model, accuracy, path, ms in zip(models, accuracies, onnx_paths or [None, None], latencies)]
+
+
+def _runtime_files(ctx: RunContext, models: ModelPair, onnx_paths: list[Path]) -> dict[str, list[Path]]:
+    """What each runtime but onnxruntime loads, dense and pruned: the ONNX files, or for ExecuTorch
+    programs exported beside them (once, for every batch size the run checks or times)."""
+    if not onnx_paths:
+        return {}
+    max_batch = max(ctx.recipe.export.check_batch, *(s.batch for s in ctx.recipe.bench.settings))
+    return {name: [runtimes.prepare(name, model, path, ctx.data.input_shape, max_batch)
+                   for model, path in zip(models, onnx_paths)]
+            for name in ctx.recipe.bench.runtimes if name != "onnxruntime"}
+
+
+def _verify_runtimes(ctx: RunContext, models: ModelPair, files: dict[str, list[Path]]) -> dict[str, dict]:
     """Each runtime but onnxruntime (checked at export) against PyTorch on the export check batch; raises
     ExportMismatchError beyond the tolerance for the precision the runtime chose."""
-    others = [name for name in recipe.bench.runtimes if name != "onnxruntime"]
-    if not onnx_paths or not others:
+    if not files:
         return {}
-    check = _cpu_batch(normalize, data.test, recipe.export.check_batch)
+    cfg = ctx.recipe.export
+    check = _cpu_batch(ctx.normalize, ctx.data.test, cfg.check_batch)
     checks = {}
-    for name in others:
-        d, p = [runtimes.verify(runtimes.RUNTIMES[name].load(path, _threads(0)), model, check, recipe.export.tolerance)
-                for model, path in zip((dense, pruned), onnx_paths)]
+    for name, paths in files.items():
+        d, p = [runtimes.verify(runtimes.RUNTIMES[name].load(path, _threads(0)), model, check, cfg.tolerance)
+                for model, path in zip(models, paths)]
         checks[name] = {**p, "dense_max_abs_diff": d["max_abs_diff"], "dense_max_abs_logit": d["max_abs_logit"]}
     return checks
 
 
-def _benchmark(dense, pruned, shape, onnx_paths, recipe, progress) -> list[dict]:
+def _bench_setting(ctx: RunContext, models: ModelPair, onnx_paths: list[Path], files: dict[str, list[Path]],
+                   setting) -> list[LatencyRow]:
+    """One batch size and thread count: dense and pruned timed interleaved in each backend."""
+    cfg, shape, threads = ctx.recipe.bench, ctx.data.input_shape, _threads(setting.threads)
+    timing = dict(warmup=cfg.warmup, iters=cfg.iters)
     rows = []
-    others = [name for name in recipe.bench.runtimes if name != "onnxruntime"] if onnx_paths else []
-    for s in recipe.bench.settings:
-        threads = _threads(s.threads)
-        if onnx_paths and "onnxruntime" in recipe.bench.runtimes:
-            stats = ortbench.time_sessions(
-                onnx_paths, batch=s.batch, threads=threads,
-                warmup=recipe.bench.warmup, iters=recipe.bench.iters, progress=progress,
-            )
-            session = ortbench.session_options_dict(threads, spinning=ortbench.spinning_for(len(onnx_paths)))
-            rows.append({"backend": "onnxruntime", "batch": s.batch, "threads": threads, "session": session,
-                         "dense": stats[0].to_dict(), "pruned": stats[1].to_dict()})
-        for name in others:  # each runtime's dense and pruned models timed interleaved
-            loaded = [runtimes.RUNTIMES[name].load(path, threads) for path in onnx_paths]
-            stats = runtimes.time_models(loaded, shape, s.batch, recipe.bench.warmup, recipe.bench.iters, threads)
-            rows.append({"backend": name, "batch": s.batch, "threads": threads, "session": loaded[0].describe(),
-                         "dense": stats[0].to_dict(), "pruned": stats[1].to_dict()})
-        if recipe.bench.torch:
-            stats = bench.torch_latency([dense, pruned], shape, batch=s.batch, threads=threads,
-                                        warmup=recipe.bench.warmup, iters=recipe.bench.iters)
-            rows.append({"backend": "pytorch", "batch": s.batch, "threads": threads,
-                         "dense": stats[0].to_dict(), "pruned": stats[1].to_dict()})
+    if onnx_paths and "onnxruntime" in cfg.runtimes:
+        config = ortbench.SessionConfig(threads=threads)
+        dense, pruned = ortbench.time_sessions(onnx_paths, batch=setting.batch, config=config,
+                                               progress=ctx.progress, **timing)
+        session = config.for_timing(len(onnx_paths)).describe()
+        rows.append(LatencyRow(backend="onnxruntime", batch=setting.batch, threads=threads, session=session,
+                               dense=dense, pruned=pruned))
+    for name, paths in files.items():  # each runtime's dense and pruned models timed interleaved
+        loaded = [runtimes.RUNTIMES[name].load(path, threads) for path in paths]
+        dense, pruned = runtimes.time_models(loaded, shape, setting.batch, cfg.warmup, cfg.iters, threads)
+        rows.append(LatencyRow(backend=name, batch=setting.batch, threads=threads, session=loaded[0].describe(),
+                               dense=dense, pruned=pruned))
+    if cfg.torch:
+        dense, pruned = bench.torch_latency(list(models), shape, batch=setting.batch, threads=threads, **timing)
+        rows.append(LatencyRow(backend="pytorch", batch=setting.batch, threads=threads, dense=dense, pruned=pruned))
     return rows
+
+
+def benchmark_stage(ctx: RunContext, models: ModelPair, onnx_paths: list[Path],
+                    files: dict[str, list[Path]]) -> list[LatencyRow]:
+    """Dense vs pruned latency at every bench setting, in PyTorch and, with an export, each runtime;
+    latency.png shows it."""
+    rows = [row for setting in ctx.recipe.bench.settings
+            for row in _bench_setting(ctx, models, onnx_paths, files, setting)]
+    ctx.run_dir.write_latency_plot(rows)
+    return rows
+
+
+def report_stage(ctx: RunContext, report: RunReport) -> RunReport:
+    """report.json and report.md in the run directory."""
+    ctx.run_dir.write_report(report)
+    ctx.logger.info(f"report: {ctx.run_dir.report_md}")
+    return report
+
+
+def _history(result: TrainResult | None, epochs: int) -> StageHistory:
+    """A training stage's record; a stage that did not run took no time."""
+    if result is None:
+        return StageHistory(epochs, 0.0, [])
+    return StageHistory(result.epochs, result.seconds, result.history)
 
 
 def run(
@@ -235,129 +384,45 @@ def run(
         raise ValueError(f"export must be one of {', '.join(EXPORTS)}, got {export_format!r}")
     procs, device = distributed.setup(recipe.device)
     try:
-        return _run(recipe, Path(out_dir), recipe_name, export_format, resume, progress, procs, device)
+        run_dir = RunDir(Path(out_dir), procs)
+        run_dir.write_recipe(recipe)
+        seed_everything(recipe.seed)
+        data = _load_data(recipe, procs)
+        ctx = RunContext(recipe, run_dir, data, _normalizer(recipe, data, device), procs, device, resume=resume,
+                         progress=logs.progress_bars(progress))
+        return _run(ctx, recipe_name, export_format)
     finally:
         distributed.teardown()
 
 
-def _run(recipe, out, recipe_name, export_format, resume, progress, procs, device) -> RunResult:
-    if procs.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(recipe.to_yaml())
-    seed_everything(recipe.seed)
-    log = (lambda msg: tqdm.write(msg)) if progress and procs.main else (lambda msg: None)
+def _run(ctx: RunContext, recipe_name: str, export_format: str | None) -> RunResult:
+    model = _build_model(ctx)
+    sparsifier = make_sparsifier(model, **ctx.recipe.sparsity.model_dump())
+    sparse = sparse_train_stage(ctx, model, sparsifier)
+    dense = copy.deepcopy(model).cpu().eval()  # planning, surgery, export and benchmarks run on the CPU
+    pruning = prune_stage(ctx, dense, sparsifier)
+    finetuned = finetune_stage(ctx, pruning)
+    if not ctx.run_dir.owner:  # the other ranks train alike; rank 0 alone exports, benchmarks and reports
+        return RunResult(ctx.run_dir.root, {})
 
-    if not procs.main:  # rank 0 fetches the data set first, if it has to
-        distributed.barrier()
-    data = load_dataset(recipe.data, recipe.seed)
-    if procs.main:
-        distributed.barrier()
-    channels_last = use_channels_last(recipe.data.channels_last, device.type, recipe.train.precision)
-    normalize = Normalize(data.mean, data.std, device, channels_last)
-    shape = data.input_shape
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_model(recipe.model.name, data.num_classes, bn_init=recipe.model.bn_init,
-                        kwargs=recipe.model.kwargs, weights=recipe.model.weights)
-    model = model.to(device, memory_format=memory_format)
+    models = ModelPair(dense, pruning.model.cpu().eval())
+    onnx_paths = ctx.run_dir.onnx_files() if export_format else []
+    exported = export_stage(ctx, models) if export_format else None
+    files = _runtime_files(ctx, models, onnx_paths)
+    runtime_checks = _verify_runtimes(ctx, models, files)
+    latency = benchmark_stage(ctx, models, onnx_paths, files)
+    int8 = int8_stage(ctx) if export_format == "onnx-int8" else None
 
-    # 1. sparse training
-    sparsifier = make_sparsifier(model, **recipe.sparsity.model_dump())
-    log(f"sparse training: {recipe.model.name}, {recipe.sparsity.method}/{recipe.sparsity.penalty}, "
-        f"{recipe.train.epochs} epochs on {len(data.train)} {data.name} images")
-    trained = _train_stage(model, data, recipe.train, recipe, sparsifier, normalize,
-                           out / "checkpoints" / "last.pt", resume, progress, "sparse", procs, device,
-                           _fingerprint(_recipe_fields(recipe, "prune", "finetune", "export", "bench")))
-    if procs.main:
-        save_atomic(model.state_dict(), out / "dense.pt")
-    scores = sparsifier.scores()
-
-    # 2. plan and physical pruning, on a CPU copy (graph tracing and surgery are cheap there)
-    dense_cpu = copy.deepcopy(model).cpu().eval()
-    pruning = prune_stage(dense_cpu, scores, recipe, data, normalize)
-    plan, prune_seconds = pruning.plan, pruning.seconds
-    if isinstance(sparsifier, ProximalSparsifier):
-        plan.notes["proximal"] = sparsifier.zero_summary()
-    if procs.main:
-        plan.to_json(out / "pruned_plan.json")
-    pruned = pruning.model.to(device, memory_format=memory_format)
-    no_ft_acc = evaluate(pruned, data.test, normalize, recipe.data.eval_batch_size, progress and procs.main)
-    log(f"pruned {plan.channels_total - plan.channels_kept} of {plan.channels_total} channels "
-        f"in {prune_seconds:.1f} s; accuracy {trained.accuracy:.2f}% → {no_ft_acc:.2f}% before fine-tuning")
-
-    # 3. fine-tuning, without penalty
-    finetuned = None
-    if recipe.finetune.epochs > 0:
-        finetuned = _train_stage(pruned, data, recipe.finetune, recipe, Sparsifier(pruned), normalize,
-                                 out / "checkpoints" / "finetune_last.pt", resume, progress, "finetune",
-                                 procs, device,
-                                 _fingerprint(_recipe_fields(recipe, "export", "bench"), asdict(plan)))
-    pruned_acc = finetuned.accuracy if finetuned else no_ft_acc
-    if not procs.main:
-        return RunResult(out, {})
-    save_atomic(pruned.state_dict(), out / "pruned.pt")
-
-    # 4. export, checked against PyTorch in onnxruntime
-    pruned_cpu = pruned.cpu().eval()
-    onnx_paths, export_info, int8 = [], None, None
-    if export_format:
-        onnx_paths = [out / "dense.onnx", out / "pruned.onnx"]
-        export_info = export_stage(dense_cpu, pruned_cpu, onnx_paths, data, normalize, recipe.export)
-        log(f"ONNX verified: max |ORT - PyTorch| {export_info['max_abs_diff']:.3g} "
-            f"(max |logit| {export_info['max_abs_logit']:.3g})")
-
-    # 5. benchmark and report
-    dense_sum = _model_summary(dense_cpu, shape, trained.accuracy, onnx_paths[0] if onnx_paths else None)
-    pruned_sum = _model_summary(pruned_cpu, shape, pruned_acc, onnx_paths[1] if onnx_paths else None)
-    runtime_checks = _verify_runtimes(dense_cpu, pruned_cpu, onnx_paths, data, normalize, recipe)
-    latency = _benchmark(dense_cpu, pruned_cpu, shape, onnx_paths, recipe, progress)
-    first_ort = next((r for r in latency if r["backend"] == "onnxruntime"), None)
-    if first_ort:
-        for summary, key in ((dense_sum, "dense"), (pruned_sum, "pruned")):
-            summary["latency_ms"] = {k: first_ort[key][k] for k in ("p50", "p90", "p99")}
-    if export_format == "onnx-int8":
-        int8 = _int8_stage(out, data, normalize, recipe, progress)
-
-    before, after = layer_widths(dense_cpu), layer_widths(pruned_cpu)
-    flat_scores = torch.cat([s.flatten().cpu() for s in scores.values()]).double().numpy()
-    report = {
-        "recipe": recipe_name,
-        "model": recipe.model.name,
-        "dataset": data.name,
-        "device": str(device),
-        "dense": dense_sum,
-        "pruned": pruned_sum,
-        "pruned_no_finetune_accuracy": no_ft_acc,
-        "macs_counter": "thop",
-        "pruning": {
-            "how": plan.how,
-            "channels_total": plan.channels_total,
-            "channels_kept": plan.channels_kept,
-            "groups": len(plan.groups),
-            "score_cut": plan.score_cut,
-            "round_to": plan.round_to,
-            "seconds": prune_seconds,
-            "compensated": recipe.prune.compensate,
-            "error_vs_zeroed_gamma": pruning.error_vs_zeroed_gamma,
-            "layers": [{"name": n, "before": before[n], "after": after[n]} for n in before],
-            **({"proximal": plan.notes["proximal"]} if "proximal" in plan.notes else {}),
-        },
-        "sparsity": recipe.sparsity.model_dump(mode="json"),
-        "export": export_info,
-        "int8": int8,
-        "runtimes": runtime_checks,
-        "latency": latency,
-        "train": {"epochs": trained.epochs, "seconds": trained.seconds, "history": trained.history},
-        "finetune": {"epochs": recipe.finetune.epochs, "seconds": finetuned.seconds if finetuned else 0.0,
-                     "history": finetuned.history if finetuned else []},
-    }
-    plot_scores(flat_scores, out / "scores.png", "|ξ|" if isinstance(sparsifier, ProximalSparsifier) else "|γ|")
-    plot_widths(report["pruning"]["layers"], out / "widths.png")
-    if latency:
-        plot_latency(latency, out / "latency.png")
-    write_json(report, out)
-    write_markdown(report, out)
-    log(f"report: {out / 'report.md'}")
-    return RunResult(out, report)
+    accuracies = (sparse.accuracy, finetuned.accuracy if finetuned else pruning.accuracy)
+    dense_summary, pruned_summary = _model_summaries(ctx, models, accuracies, onnx_paths, latency)
+    report = report_stage(ctx, RunReport(
+        recipe=recipe_name, model=ctx.recipe.model.name, dataset=ctx.data.name, device=str(ctx.device),
+        dense=dense_summary, pruned=pruned_summary, pruned_no_finetune_accuracy=pruning.accuracy,
+        pruning=pruning.summary, sparsity=SparsitySummary.from_dict(ctx.recipe.sparsity.model_dump(mode="json")),
+        export=exported, int8=int8, runtimes=runtime_checks, latency=latency,
+        train=_history(sparse, ctx.recipe.train.epochs), finetune=_history(finetuned, ctx.recipe.finetune.epochs),
+    ))
+    return RunResult(ctx.run_dir.root, report.to_json(), report)
 
 
 def load_pruned(run_dir: str | Path, build=None) -> torch.nn.Module:

@@ -19,13 +19,13 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from slimdeploy.bn import is_affine_bn
 from slimdeploy.errors import ModelError
 from slimdeploy.graph import ChannelGroup, build_graph
 from slimdeploy.imports import is_import_path, resolve
 from slimdeploy.models import build_model
 from slimdeploy.outputs import aux_heads, drop_aux_heads
 from slimdeploy.plan import ChannelPlan
-from slimdeploy.sparsity import BN_TYPES
 
 _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -47,7 +47,7 @@ def _removed_inputs(model: nn.Module, dg, plan: ChannelPlan):
         for item in group.items:
             module, handler = item.dep.target.module, item.dep.handler
             idxs = (int(i) for i in item.idxs)
-            if isinstance(module, BN_TYPES) and module.weight is not None:
+            if is_affine_bn(module):
                 bn_zero[names[module]].update(idxs)
             # A depthwise conv's input pruning is its output pruning: it loses whole channels, reads none.
             elif isinstance(module, _WEIGHTED) and handler == dg.get_pruner_of_module(module).prune_out_channels:

@@ -192,7 +192,10 @@ class OptimCfg(_Section):
 
 
 class TrainCfg(OptimCfg):
-    pass
+    bn_weight_decay: float | None = Field(None, ge=0, allow_inf_nan=False, description="weight decay of BN γ and β; "
+                                          "the penalty already acts on γ, so 0 leaves them to it; null: weight_decay")
+    bn_lr_scale: float = Field(1.0, gt=0, allow_inf_nan=False, description="BN γ and β learn at lr × this; the "
+                               "sparsifier's step on γ uses that rate too")
 
 
 class FinetuneCfg(OptimCfg):
@@ -319,8 +322,9 @@ class BenchCfg(_Section):
     )
     torch: bool = Field(True, description="also time PyTorch eager")
     runtimes: list[str] = Field(
-        ["onnxruntime"], description="runtimes that run and time the ONNX files: onnxruntime, openvino; each "
-        "one but onnxruntime is also checked against PyTorch on the export check batch")
+        ["onnxruntime"], description="runtimes that run and time the exported models: onnxruntime, openvino "
+        "(both read the ONNX files), executorch (a .pte program exported beside each ONNX file; the executorch "
+        "extra); each one but onnxruntime is also checked against PyTorch on the export check batch")
 
     @field_validator("runtimes")
     @classmethod

@@ -1,23 +1,25 @@
-"""Inference runtimes that run the exported ONNX files: onnxruntime and OpenVINO.
+"""Inference runtimes that run the exported models: onnxruntime and OpenVINO read the ONNX files,
+ExecuTorch runs a .pte program exported beside them.
 
-Every runtime in `RUNTIMES` has the same face: ``available()``, ``load(path, threads)`` giving a loaded
-model with ``run(inputs) -> logits`` and ``describe()`` (version, device, the inference precision
-actually used, threads). `verify` checks a loaded model against PyTorch, `time_models` times loaded
-models interleaved as `ortbench.time_sessions` does.
+Every runtime in `RUNTIMES` has the same face: ``available()``, ``prepare(model, onnx_path, input_shape,
+max_batch)`` giving the file it loads, ``load(path, threads)`` giving a loaded model with
+``run(inputs) -> logits`` and ``describe()`` (version, device, the inference precision actually used,
+threads). `verify` checks a loaded model against PyTorch, `time_models` times loaded models interleaved
+as `ortbench.time_sessions` does.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from slimdeploy import ortbench
 from slimdeploy.export import ExportError, ExportMismatchError, eval_mode, first_line
-from slimdeploy.ortbench import LatencyStats, latency_stats
+from slimdeploy.ortbench import LatencyStats, OrtPredictor, SessionConfig, latency_stats
 
 # Least tolerance (relative to max |logit|) per inference precision. A float32 runtime gets the export
 # tolerance, as onnxruntime does; bf16 keeps 8 significant bits (relative rounding 2^-8 ≈ 4e-3 per
@@ -25,19 +27,24 @@ from slimdeploy.ortbench import LatencyStats, latency_stats
 PRECISION_TOLERANCE = {"f32": 0.0, "bf16": 2e-2, "f16": 1e-2}
 
 
+def _onnx_file(model: nn.Module, onnx_path, input_shape: tuple[int, ...], max_batch: int) -> Path:
+    """A runtime that reads ONNX loads the exported file itself: its batch axis is already dynamic."""
+    return Path(onnx_path)
+
+
 class OnnxRuntime:
-    """onnxruntime's CPU execution provider, with the session settings of `ortbench`."""
+    """onnxruntime in a session set up by an `ortbench.SessionConfig`."""
 
     name = "onnxruntime"
     install_hint = "pip install onnxruntime"
+    prepare = staticmethod(_onnx_file)
 
-    def __init__(self, path, threads: int, spinning: bool = True):
-        self.path, self.threads, self.spinning = path, threads, spinning
+    def __init__(self, path, config: SessionConfig):
+        self.path, self.config = path, config
         try:
-            self._session = ortbench.make_session(path, threads, spinning=spinning)
+            self._predict = OrtPredictor(path, config)
         except Exception as err:  # onnxruntime's errors derive from Exception only
             raise ExportError(f"{path}: onnxruntime cannot load the model: {first_line(err)}") from err
-        self._input = self._session.get_inputs()[0].name
 
     @staticmethod
     def available() -> bool:
@@ -45,14 +52,13 @@ class OnnxRuntime:
 
     @classmethod
     def load(cls, path, threads: int, spinning: bool = True) -> "OnnxRuntime":
-        return cls(path, threads, spinning)
+        return cls(path, SessionConfig(threads=threads, spinning=spinning))
 
     def run(self, inputs: np.ndarray) -> np.ndarray:
-        return self._session.run(None, {self._input: inputs})[0]
+        return self._predict(inputs)
 
     def describe(self) -> dict:
-        return {"runtime": self.name, "precision": "f32",
-                **ortbench.session_options_dict(self.threads, spinning=self.spinning)}
+        return {"runtime": self.name, "precision": "f32", **self.config.describe()}
 
 
 class OpenVino:
@@ -60,6 +66,7 @@ class OpenVino:
 
     name = "openvino"
     install_hint = "pip install openvino"
+    prepare = staticmethod(_onnx_file)
 
     def __init__(self, path, threads: int):
         import openvino as ov
@@ -109,7 +116,89 @@ class OpenVino:
         return dict(self._description)
 
 
-RUNTIMES = {runtime.name: runtime for runtime in (OnnxRuntime, OpenVino)}
+class _XnnpackThreadPool:
+    """ExecuTorch's thread pool: one per process, sized to the logical cores at first use. A program
+    keeps the pool it was loaded with and resizing frees that pool, so a program loaded before a resize
+    must not run again."""
+
+    resizes = 0
+
+    @staticmethod
+    def size() -> int:
+        from executorch.extension.pybindings import portable_lib
+
+        return portable_lib._threadpool_get_thread_count()
+
+    @classmethod
+    def use(cls, threads: int) -> int:
+        """Size the pool to ``threads``; returns the resize count, which marks the programs loaded since."""
+        from executorch.extension.pybindings import portable_lib
+
+        if cls.size() != threads:
+            portable_lib._unsafe_reset_threadpool(threads)  # the only setter ExecuTorch's Python API has
+            cls.resizes += 1
+        return cls.resizes
+
+
+class ExecuTorch:
+    """An ExecuTorch program (.pte) with its convolutions delegated to XNNPACK, on the CPU."""
+
+    name = "executorch"
+    install_hint = "pip install -e .[executorch]"
+
+    def __init__(self, path, threads: int):
+        from executorch.runtime import Runtime
+        from executorch.version import __version__
+
+        self.path = path
+        self._pool = _XnnpackThreadPool.use(threads)
+        try:
+            self._method = Runtime.get().load_program(Path(path)).load_method("forward")
+        except Exception as err:  # the runtime raises RuntimeError or ValueError carrying its status code
+            raise ExportError(f"{path}: ExecuTorch cannot load the program: {first_line(err)}") from err
+        self.max_batch = self._method.metadata.input_tensor_meta(0).sizes()[0]
+        self._description = {
+            "runtime": self.name, "version": __version__, "device": "CPU (XNNPACK delegate)",
+            "precision": "f32", "threads": _XnnpackThreadPool.size(),
+            "threadpool": "one per process, shared by every program", "max_batch": self.max_batch,
+        }
+
+    @staticmethod
+    def available() -> bool:
+        return (importlib.util.find_spec("executorch") is not None
+                and importlib.util.find_spec("executorch.runtime") is not None)
+
+    @staticmethod
+    def prepare(model: nn.Module, onnx_path, input_shape: tuple[int, ...], max_batch: int) -> Path:
+        """Export a fresh program beside the ONNX file (dense.onnx -> dense.pte)."""
+        from slimdeploy.executorch_export import export_pte, pte_path
+
+        return export_pte(model, pte_path(onnx_path), input_shape, max_batch)
+
+    @classmethod
+    def load(cls, path, threads: int) -> "ExecuTorch":
+        return cls(path, threads)
+
+    def run(self, inputs: np.ndarray) -> np.ndarray:
+        if _XnnpackThreadPool.resizes != self._pool:
+            raise ExportError(f"{self.path}: ExecuTorch's thread pool was resized after this program was "
+                              f"loaded; load it again")
+        if len(inputs) > self.max_batch:
+            raise ExportError(f"{self.path}: batch {len(inputs)} exceeds the {self.max_batch} this program "
+                              f"was exported for")
+        return self._method.execute([torch.from_numpy(inputs)])[0].numpy()
+
+    def describe(self) -> dict:
+        return dict(self._description)
+
+
+RUNTIMES = {runtime.name: runtime for runtime in (OnnxRuntime, OpenVino, ExecuTorch)}
+
+
+def prepare(name: str, model: nn.Module, onnx_path, input_shape: tuple[int, ...], max_batch: int) -> Path:
+    """The file runtime ``name`` loads for ``model``, whose ONNX export is ``onnx_path``: that file for
+    onnxruntime and OpenVINO, a fresh .pte beside it for ExecuTorch, taking batches up to ``max_batch``."""
+    return RUNTIMES[name].prepare(model, onnx_path, input_shape, max_batch)
 
 
 def check_runtime(name: str) -> str:

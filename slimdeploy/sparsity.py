@@ -20,17 +20,14 @@ import torch
 from torch import nn
 
 from slimdeploy import penalties
+from slimdeploy.bn import BN_TYPES, affine_bns  # noqa: F401  (BN_TYPES re-exported)
 from slimdeploy.penalties import Penalty
-
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def select_bns(model: nn.Module, include: list[str] = (), exclude: list[str] = ()) -> dict[str, nn.Module]:
     """BN layers with an affine γ whose names match ``include`` (all if empty) and not ``exclude``."""
     chosen = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, BN_TYPES) or module.weight is None:
-            continue
+    for name, module in affine_bns(model).items():
         if include and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
             continue
         if any(fnmatch.fnmatchcase(name, pat) for pat in exclude):

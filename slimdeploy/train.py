@@ -4,13 +4,14 @@ atomic, resumable checkpoints."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from slimdeploy.data import Dataset, Normalize, Split, eval_batches, steps_per_epoch, train_batches
+from slimdeploy.accuracy import top1
+from slimdeploy.bn import BN_TYPES
+from slimdeploy.data import Dataset, Normalize, Split, steps_per_epoch, train_batches
 from slimdeploy.errors import SlimdeployError
 from slimdeploy.outputs import main_logits
 from slimdeploy.sparsity import Sparsifier
+
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(SlimdeployError, RuntimeError):
@@ -58,9 +64,21 @@ def lr_factor(cfg, progress: float) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    return torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
-    )
+    """SGD with two param groups: every other parameter first, then the BN γ and β.
+
+    The BN group learns at ``lr × bn_lr_scale`` (the sparsifier's step on γ reads that rate) with
+    ``bn_weight_decay`` (None: ``weight_decay``): the penalty already acts on γ, so decay may be left out.
+    """
+    # fine-tuning's cfg has neither key: no penalty acts there
+    bn_lr_scale, bn_weight_decay = getattr(cfg, "bn_lr_scale", 1.0), getattr(cfg, "bn_weight_decay", None)
+    bn_ids = {id(p) for m in model.modules() if isinstance(m, BN_TYPES) for p in m.parameters(recurse=False)}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) not in bn_ids]},
+        {"params": [p for p in model.parameters() if id(p) in bn_ids], "lr": cfg.lr * bn_lr_scale,
+         "weight_decay": cfg.weight_decay if bn_weight_decay is None else bn_weight_decay},
+    ]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
 
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -110,18 +128,9 @@ def use_channels_last(setting: bool | str, device_type: str, precision: str) -> 
     return device_type != "cuda" or resolve_precision(precision, device_type) != "fp32"
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, split: Split, normalize: Normalize, batch_size: int, progress: bool = False) -> float:
-    """Top-1 accuracy in percent."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    batches = eval_batches(split, batch_size)
-    for images, labels in tqdm(batches, desc="eval", total=math.ceil(len(split) / batch_size), disable=not progress, leave=False):
-        logits = model(normalize(images))
-        correct += int((logits.argmax(1).cpu() == labels).sum())
-    model.train(was_training)
-    return 100.0 * correct / max(len(split), 1)
+    """Top-1 accuracy in percent (see `slimdeploy.accuracy.top1`)."""
+    return top1(model, split, normalize, batch_size, progress=progress)
 
 
 def save_atomic(obj, path: str | Path) -> None:
@@ -175,147 +184,230 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def train(
-    model: nn.Module,
-    data: Dataset,
-    cfg,
-    *,
-    batch_size: int,
-    eval_batch_size: int,
-    augment: bool,
-    normalize: Normalize,
-    sparsifier: Sparsifier,
-    seed: int,
-    checkpoint: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    desc: str = "train",
-    rank: int = 0,
-    world: int = 1,
-    fingerprint: str = "",
-) -> TrainResult:
-    """Train ``model`` (plain or DDP-wrapped) for ``cfg.epochs`` epochs.
+@dataclass(frozen=True)
+class LoopSettings:
+    """How a training stage is fed, where it runs and which checkpoint is its own (the optimizer's settings
+    are the stage's cfg)."""
 
-    The full state goes to ``checkpoint`` at the end of every epoch and every ``cfg.checkpoint_steps``
-    steps (rank 0 writes it); with ``resume`` training continues from it, mid-epoch included, and ends
-    with the weights an uninterrupted run would have. ``fingerprint`` names what the run depends on; a
-    checkpoint written under another one is refused.
-    """
-    inner = unwrap(model)
-    optimizer = make_optimizer(inner, cfg)
-    sparsifier.attach(optimizer)
-    batch_size = min(batch_size, len(data.train) // world)
-    per_epoch = steps_per_epoch(data.train, batch_size, world)
-    total_steps = max(cfg.epochs * per_epoch, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step / total_steps))
-    device_type = torch.device(normalize.device).type
-    precision = resolve_precision(cfg.precision, device_type)
-    # only fp16 needs loss scaling: bf16 has float32's exponent range
-    scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
-    epoch, start_step, seconds, history = 0, 0, 0.0, []
-    loss_sum, seen = torch.zeros((), dtype=torch.float64), 0
+    batch_size: int  # per process
+    eval_batch_size: int
+    augment: bool | str  # as data.augment
+    seed: int = 0
+    rank: int = 0
+    world: int = 1
+    fingerprint: str = ""  # what the run depends on: a checkpoint written under another one is refused
+    device: torch.device | str = "cpu"  # the model's, where labels go; Normalize puts the images there
 
-    state = None
-    if resume and checkpoint and rank == 0 and Path(checkpoint).is_file():
-        state = load_checkpoint(checkpoint)
-    if world > 1:  # rank 0's checkpoint, whether or not the other ranks see the same folder
-        box = [state]
-        dist.broadcast_object_list(box, src=0)
-        state = box[0]
-    if state is not None:
-        if state.get("fingerprint") != fingerprint:
-            raise CheckpointError(f"{checkpoint}: written by a different recipe or plan; "
-                                  f"use another --out, or run without --resume to start over")
-        try:
-            inner.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            sparsifier.load_state_dict(state["sparsifier"])
-            if state["scaler"]:  # empty when the run was written without loss scaling
-                scaler.load_state_dict(state["scaler"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise CheckpointError(f"{checkpoint}: does not fit this model ({type(err).__name__})") from None
+    @property
+    def device_type(self) -> str:
+        return torch.device(self.device).type
+
+
+@dataclass
+class EpochStats:
+    """One epoch's numbers; with the test accuracy they make its entry in ``TrainResult.history``."""
+
+    epoch: int  # counted from 1
+    train_loss: float
+    penalty: float
+    lr: float  # of the first param group, at the epoch's end
+    precision: str
+
+    def record(self, test_acc: float) -> dict:
+        return {"epoch": self.epoch, "train_loss": self.train_loss, "test_acc": test_acc, "penalty": self.penalty,
+                "lr": self.lr, "precision": self.precision}
+
+
+@dataclass
+class TrainState:
+    """All a run needs to continue bit-exactly where it stopped; ``state_dict`` is a checkpoint's content."""
+
+    model: nn.Module  # plain or DDP-wrapped; saved unwrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    sparsifier: Sparsifier
+    precision: str = "fp32"  # what the steps autocast to; the cfg and device decide it, so it is not saved
+    epoch: int = 0  # epochs finished
+    step: int = 0  # steps finished in the current epoch
+    seconds: float = 0.0  # training time, evaluation excluded
+    history: list[dict] = field(default_factory=list)
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    seen: int = 0  # images summed in loss_sum
+
+    @classmethod
+    def create(cls, model: nn.Module, cfg, sparsifier: Sparsifier, total_steps: int, device_type: str) -> TrainState:
+        """A fresh state: SGD with the sparsifier attached, the lr schedule over ``total_steps``, fp16 loss scaling."""
+        optimizer = make_optimizer(unwrap(model), cfg)
+        sparsifier.attach(optimizer)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step / total_steps))
+        precision = resolve_precision(cfg.precision, device_type)
+        # only fp16 needs loss scaling: bf16 has float32's exponent range
+        scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
+        return cls(model, optimizer, scheduler, scaler, sparsifier, precision)
+
+    def state_dict(self) -> dict:
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sparsifier": self.sparsifier.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "loss_sum": self.loss_sum,
+            "seen": self.seen,
+            "seconds": self.seconds,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sparsifier.load_state_dict(state["sparsifier"])
+        if state["scaler"]:  # empty when the run was written without loss scaling
+            self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
-        epoch, start_step, seconds, history = state["epoch"], state["step"], state["seconds"], state["history"]
-        loss_sum, seen = state["loss_sum"], state["seen"]
+        self.epoch, self.step, self.seconds = state["epoch"], state["step"], state["seconds"]
+        self.history, self.loss_sum, self.seen = state["history"], state["loss_sum"], state["seen"]
 
-    def save(epoch: int, step: int) -> None:
-        if checkpoint and rank == 0:
-            save_atomic(
-                {
-                    "model": inner.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "sparsifier": sparsifier.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": _rng_state(),
-                    "epoch": epoch,  # epochs finished
-                    "step": step,  # steps finished in the current epoch
-                    "loss_sum": loss_sum,
-                    "seen": seen,
-                    "seconds": seconds,
-                    "history": history,
-                    "fingerprint": fingerprint,
-                },
-                checkpoint,
-            )
+    def finish_epoch(self) -> None:
+        self.epoch, self.step = self.epoch + 1, 0
+        self.loss_sum, self.seen = torch.zeros((), dtype=torch.float64), 0
 
-    accuracy = history[-1]["test_acc"] if history else None
-    while epoch < cfg.epochs:
-        model.train()
-        tic = time.perf_counter()
-        batches = train_batches(data.train, batch_size, seed, epoch, augment, start_step, rank, world)
-        bar = tqdm(batches, total=per_epoch, initial=start_step, desc=f"{desc} {epoch + 1}/{cfg.epochs}",
-                   disable=not progress, leave=False)
-        for step, (images, labels) in enumerate(bar, start=start_step):
-            labels = labels.to(normalize.device, non_blocking=True)
-            with autocast(device_type, precision):
-                loss = F.cross_entropy(main_logits(model(normalize(images))), labels)
-            finite = torch.isfinite(loss.detach())
-            if world > 1:  # every rank stops together, none is left waiting in an allreduce
-                finite = finite.to(torch.uint8)
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if not finite:
-                raise TrainingDiverged(
-                    f"{desc}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                    f"the last good checkpoint is kept ({checkpoint})"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            # The sparsifier's hooks run inside optimizer.step(): after the scaler unscaled the gradients,
-            # and not at all when the scaler skips the step for inf/NaN gradients.
-            lr = optimizer.param_groups[0]["lr"]
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += loss.detach().double().cpu() * len(labels)
-            seen += len(labels)
-            if progress and step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
-            if cfg.checkpoint_steps and (step + 1) % cfg.checkpoint_steps == 0 and step + 1 < per_epoch:
-                seconds += time.perf_counter() - tic
-                tic = time.perf_counter()
-                save(epoch, step + 1)
-        seconds += time.perf_counter() - tic
-        accuracy = evaluate(model, data.test, normalize, eval_batch_size, progress)
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": float(loss_sum) / max(seen, 1),
-                "test_acc": accuracy,
-                "penalty": sparsifier.penalty_value(),
-                "lr": optimizer.param_groups[0]["lr"],
-                "precision": precision,
-            }
-        )
-        if progress:
-            tqdm.write(
-                f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {history[-1]['train_loss']:.4f}, "
-                f"test acc {accuracy:.2f}%, penalty {history[-1]['penalty']:.4g}"
-            )
-        epoch, start_step = epoch + 1, 0
-        loss_sum, seen = torch.zeros((), dtype=torch.float64), 0
-        save(epoch, 0)
+
+class CheckpointManager:
+    """A training stage's checkpoint file: rank 0 writes it atomically, every rank resumes from rank 0's copy.
+
+    A checkpoint written under another ``fingerprint`` is refused. With ``path`` None nothing is read or written.
+    """
+
+    def __init__(self, path: str | Path | None, fingerprint: str = "", rank: int = 0, world: int = 1):
+        self.path = Path(path) if path else None
+        self.fingerprint, self.rank, self.world = fingerprint, rank, world
+
+    def load_or_none(self) -> dict | None:
+        """The checkpoint's content on every rank, or None where rank 0 has none."""
+        if self.path is None:
+            return None
+        state = load_checkpoint(self.path) if self.rank == 0 and self.path.is_file() else None
+        if self.world > 1:  # rank 0's checkpoint, whether or not the other ranks see the same folder
+            box = [state]
+            dist.broadcast_object_list(box, src=0)
+            state = box[0]
+        if state is not None and state.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(f"{self.path}: written by a different recipe or plan; "
+                                  f"use another --out, or run without --resume to start over")
+        return state
+
+    def restore(self, state: TrainState) -> bool:
+        """Load the checkpoint into ``state``; False where there is none."""
+        saved = self.load_or_none()
+        if saved is None:
+            return False
+        try:
+            state.load_state_dict(saved)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{self.path}: does not fit this model ({type(err).__name__})") from None
+        return True
+
+    def save(self, state: TrainState) -> None:
+        if self.path is not None and self.rank == 0:
+            save_atomic({**state.state_dict(), "fingerprint": self.fingerprint}, self.path)
+
+
+def _finite_everywhere(loss: torch.Tensor, world: int) -> bool:
+    """Whether the loss is finite in every process: all stop together, none is left waiting in an allreduce."""
+    finite = torch.isfinite(loss.detach())
+    if world > 1:
+        finite = finite.to(torch.uint8)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
+
+
+def _training_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor, loop: LoopSettings) -> torch.Tensor:
+    """One optimizer step on a normalised batch; returns the batch's loss (before the update)."""
+    with autocast(loop.device_type, state.precision):
+        loss = F.cross_entropy(main_logits(state.model(images)), labels)
+    if not _finite_everywhere(loss, loop.world):
+        raise TrainingDiverged(f"loss is {loss.item()} at epoch {state.epoch + 1}, step {state.step + 1}")
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    # The sparsifier's hooks run inside optimizer.step(): after the scaler unscaled the gradients,
+    # and not at all when the scaler skips the step for inf/NaN gradients.
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.scheduler.step()
+    state.loss_sum += loss.detach().double().cpu() * len(labels)
+    state.seen += len(labels)
+    state.step += 1
+    return loss
+
+
+def train_one_epoch(state: TrainState, batches, loop: LoopSettings, after_step=None) -> EpochStats:
+    """Train on ``batches`` (normalised images, labels on ``loop.device``): the rest of epoch ``state.epoch``.
+
+    ``after_step(state, loss)`` runs after every step, with ``state.step`` counting it (progress display,
+    mid-epoch checkpoints). Raises TrainingDiverged when the loss is not finite.
+    """
+    state.model.train()
+    tic = time.perf_counter()
+    for images, labels in batches:
+        loss = _training_step(state, images, labels, loop)
+        now = time.perf_counter()
+        state.seconds, tic = state.seconds + now - tic, now  # a checkpoint written in after_step has it
+        if after_step:
+            after_step(state, loss)
+    state.seconds += time.perf_counter() - tic
+    return EpochStats(state.epoch + 1, float(state.loss_sum) / max(state.seen, 1), state.sparsifier.penalty_value(),
+                      state.optimizer.param_groups[0]["lr"], state.precision)
+
+
+def _after_step(bar: tqdm, checkpoints: CheckpointManager, every: int, per_epoch: int):
+    """Progress every 20 steps, and a checkpoint every ``every`` steps within the epoch (its end writes one anyway)."""
+    def after_step(state: TrainState, loss: torch.Tensor) -> None:
+        if not bar.disable and (state.step - 1) % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{state.optimizer.param_groups[0]['lr']:.3g}")
+        if every and state.step % every == 0 and state.step < per_epoch:
+            checkpoints.save(state)
+    return after_step
+
+
+def train(model: nn.Module, data: Dataset, cfg, loop: LoopSettings | None = None, *, normalize: Normalize,
+          sparsifier: Sparsifier, checkpoint: str | Path | None = None, resume: bool = False, progress: bool = True,
+          desc: str = "train", **loop_fields) -> TrainResult:
+    """Train ``model`` (plain or DDP-wrapped) for ``cfg.epochs`` epochs, as ``loop`` says (or its fields, as keywords).
+
+    The full state goes to ``checkpoint`` at the end of every epoch and every ``cfg.checkpoint_steps`` steps (rank 0
+    writes it); with ``resume`` training continues from it, mid-epoch included, and ends with the weights an
+    uninterrupted run would have.
+    """
+    loop = LoopSettings(**loop_fields) if loop is None else replace(loop, **loop_fields)
+    batch_size = min(loop.batch_size, len(data.train) // loop.world)
+    per_epoch = steps_per_epoch(data.train, batch_size, loop.world)
+    state = TrainState.create(model, cfg, sparsifier, max(cfg.epochs * per_epoch, 1), loop.device_type)
+    checkpoints = CheckpointManager(checkpoint, loop.fingerprint, loop.rank, loop.world)
+    if resume:
+        checkpoints.restore(state)
+    accuracy = state.history[-1]["test_acc"] if state.history else None
+    while state.epoch < cfg.epochs:
+        bar = tqdm(train_batches(data.train, batch_size, loop.seed, state.epoch, loop.augment, state.step, loop.rank,
+                                 loop.world), total=per_epoch, initial=state.step,
+                   desc=f"{desc} {state.epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        batches = ((normalize(images), labels.to(loop.device, non_blocking=True)) for images, labels in bar)
+        after_step = _after_step(bar, checkpoints, cfg.checkpoint_steps, per_epoch)
+        try:
+            stats = train_one_epoch(state, batches, loop, after_step)
+        except TrainingDiverged as err:  # the stage and the checkpoint that survives
+            raise TrainingDiverged(f"{desc}: {err}; the last good checkpoint is kept ({checkpoint})") from None
+        accuracy = evaluate(model, data.test, normalize, loop.eval_batch_size, progress)
+        state.history.append(stats.record(accuracy))
+        log.info(f"{desc} epoch {stats.epoch}/{cfg.epochs}: loss {stats.train_loss:.4f}, "
+                 f"test acc {accuracy:.2f}%, penalty {stats.penalty:.4g}")
+        state.finish_epoch()
+        checkpoints.save(state)
     if accuracy is None:
-        accuracy = evaluate(model, data.test, normalize, eval_batch_size)
-    return TrainResult(cfg.epochs, seconds, accuracy, history, precision)
+        accuracy = evaluate(model, data.test, normalize, loop.eval_batch_size)
+    return TrainResult(cfg.epochs, state.seconds, accuracy, state.history, state.precision)

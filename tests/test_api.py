@@ -4,7 +4,6 @@ import copy
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from slimdeploy import api, penalties
 from slimdeploy.errors import InputError, ModelError
 from slimdeploy.prune import zero_bn_channels
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, trained_like
 
 
 class Block(nn.Module):
@@ -44,17 +43,6 @@ class Net(nn.Module):
 
 def make_net():
     return Net()
-
-
-def trained_like(model):
-    """γ spread over magnitudes and BN statistics as after training, in eval mode."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data = torch.rand(m.num_features) ** 3
-            m.bias.data = torch.randn(m.num_features) * 0.1
-            m.running_mean.data = torch.randn(m.num_features) * 0.1
-            m.running_var.data = torch.rand(m.num_features) + 0.5
-    return model.eval()
 
 
 def gammas(model):

@@ -233,3 +233,78 @@ def test_bf16_training_autocasts_while_state_stays_fp32(tmp_path):
     assert momenta and all(m.dtype == torch.float32 for m in momenta)
     assert all(xi.dtype == torch.float32 for xi in [*sp.xi, *state["sparsifier"]["xi"].values()])
     assert not torch.equal(sp.flat_xi(), sp.flat_gamma())  # ξ moved: the prox ran on fp32 state
+
+
+def _bn_and_rest(model):
+    bn = {n for m_name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+          for n in (f"{m_name}.weight", f"{m_name}.bias")}
+    return bn, {n for n, _ in model.named_parameters()} - bn
+
+
+@pytest.mark.parametrize("extra, bn_lr, bn_wd", [({}, 0.1, 1e-3),
+                                                  ({"bn_weight_decay": 0.0, "bn_lr_scale": 0.5}, 0.05, 0.0)])
+def test_bn_gamma_and_beta_get_their_own_param_group(extra, bn_lr, bn_wd):
+    from slimdeploy.recipe import TrainCfg
+    from slimdeploy.train import make_optimizer
+
+    model = build_model("resnet20", 4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = make_optimizer(model, TrainCfg(lr=0.1, weight_decay=1e-3, **extra)).param_groups
+    bn, rest = _bn_and_rest(model)
+    assert [{names[id(p)] for p in g["params"]} for g in groups] == [rest, bn]
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(0.1, 1e-3), (bn_lr, bn_wd)]
+
+
+def test_finetune_cfg_keeps_one_rate_and_decay_for_all():
+    from slimdeploy.train import make_optimizer
+
+    groups = make_optimizer(build_model("resnet20", 4), FinetuneCfg(lr=0.02, weight_decay=5e-4)).param_groups
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(0.02, 5e-4), (0.02, 5e-4)]
+
+
+def test_schedule_scales_the_bn_group_from_its_own_rate():
+    from slimdeploy.recipe import TrainCfg
+    from slimdeploy.train import TrainState
+
+    model = build_model("resnet20", 4)
+    cfg = TrainCfg(lr=0.1, bn_lr_scale=0.5, milestones=[0.5], gamma=0.1, precision="fp32")
+    state = TrainState.create(model, cfg, make_sparsifier(model, "none"), total_steps=4, device_type="cpu")
+    for _ in range(2):  # half of the 4 steps: past the milestone
+        state.optimizer.step()
+        state.scheduler.step()
+    assert [g["lr"] for g in state.optimizer.param_groups] == pytest.approx([0.01, 0.005])
+
+
+@pytest.mark.parametrize("method", ["prox_sgd", "proximal"])
+def test_prox_step_uses_the_scaled_bn_lr(method):
+    from slimdeploy import penalties
+    from slimdeploy.recipe import TrainCfg
+    from slimdeploy.train import make_optimizer
+
+    model = build_model("resnet20", 4, bn_init=0.5)
+    lam, lr, scale, beta = 1.0, 0.4, 0.25, 10.0
+    sp = make_sparsifier(model, method, "l1", lam, beta=beta)
+    optimizer = make_optimizer(model, TrainCfg(lr=lr, momentum=0.0, bn_weight_decay=0.0, bn_lr_scale=scale))
+    sp.attach(optimizer)
+    assert sp.gamma_lr() == lr * scale
+    optimizer.step()  # no gradients: SGD leaves γ alone, the prox hook alone moves it (or ξ)
+    gamma = torch.full_like(sp.flat_gamma(), 0.5)
+    if method == "prox_sgd":  # γ ← prox_{lr·λ|·|}(γ)
+        expected, moved = penalties.get("l1", lam).prox(gamma, lr * scale), sp.flat_gamma()
+    else:  # γ stays at ξ = γ; ξ ← prox_{1/(α+β)}(γ) with α = 1 / lr
+        expected, moved = penalties.get("l1", lam).prox(gamma, 1 / (1 / (lr * scale) + beta)), sp.flat_xi()
+    assert torch.allclose(moved, expected) and not torch.allclose(moved, gamma)
+
+
+def test_bn_optimizer_keys_name_the_key():
+    from slimdeploy.recipe import RecipeError, build_recipe
+
+    recipe = build_recipe({}, ["train.bn_weight_decay=0", "train.bn_lr_scale=2"])
+    assert (recipe.train.bn_weight_decay, recipe.train.bn_lr_scale) == (0.0, 2.0)
+    assert build_recipe({}).train.bn_weight_decay is None and build_recipe({}).train.bn_lr_scale == 1.0
+    for setting, key in [("train.bn_weight_decay=-1e-4", r"train\.bn_weight_decay: "),
+                         ("train.bn_lr_scale=0", r"train\.bn_lr_scale: "),
+                         ("train.bn_lr_scale=.inf", r"train\.bn_lr_scale: "),
+                         ("finetune.bn_lr_scale=2", r"finetune\.bn_lr_scale: unknown key")]:
+        with pytest.raises(RecipeError, match=key):
+            build_recipe({}, [setting])

@@ -1,16 +1,12 @@
 """Malformed recipes thrown at the CLI: every one gets exit code 2 (1 for I/O) and a single line on
 stderr naming the key or path, never a traceback, and no run directory."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slimdeploy.cli import compress as cli
-
-ROOT = Path(__file__).resolve().parents[1]
 
 VALID = {"model": {"name": "resnet20"}, "data": {"name": "synthetic"}, "train": {"epochs": 1}}
 NUMERIC = ["train.epochs", "train.lr", "sparsity.lam", "sparsity.beta", "prune.percent", "data.batch_size",

@@ -207,7 +207,8 @@ def test_int8_stage_reports_types_accuracy_and_speedup(trained, tmp_path):
     recipe = build_recipe({}, ["export.int8_target=arm", "export.int8_calibration=percentile",
                                "export.int8_calibration_images=48", "bench.iters=3", "bench.warmup=0",
                                "bench.settings=[{batch: 2, threads: 1}]"])
-    q = json.loads(json.dumps(pipeline._int8_stage(tmp_path, data, normalize, recipe, progress=False)))
+    ctx = pipeline.RunContext(recipe, pipeline.RunDir(tmp_path), data, normalize, progress=False)
+    q = json.loads(json.dumps(pipeline.int8_stage(ctx).to_json()))
 
     assert (q["target"], q["activation"], q["weights"]) == ("arm", "int8", "int8")
     assert (q["calibration"], q["calibration_images"]) == ("percentile", 48)

@@ -4,28 +4,24 @@ uninterrupted run."""
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from slimdeploy.train import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = ["data.train_size=512", "data.test_size=64", "data.image_size=16", "data.batch_size=32",
-            "train.epochs=3", "train.checkpoint_steps=4", "finetune.epochs=0", "bench.torch=false",
-            "sparsity.method=proximal", "sparsity.lam=0.05", "sparsity.beta=10"]
+from helpers import FAST, QUICKSTART, cli_command
+
+# Three epochs of 16 steps, checkpointed every 4: time to kill the run mid-training.
+SETTINGS = [*FAST, "data.train_size=512", "data.test_size=64", "train.epochs=3", "train.checkpoint_steps=4",
+            "finetune.epochs=0", "bench.torch=false", "sparsity.method=proximal", "sparsity.lam=0.05",
+            "sparsity.beta=10"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _cmd(out, *extra):
-    cmd = [sys.executable, str(ROOT / "tools" / "compress.py"), str(ROOT / "recipes" / "quickstart.yaml"),
-           "--out", str(out), "--quiet", *extra]
-    for s in SETTINGS:
-        cmd += ["--set", s]
-    return cmd
+    return cli_command(QUICKSTART, *SETTINGS, out=out, args=extra)
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """One end-to-end run of the CLI on synthetic data: the run directory and report.json contracts."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,9 @@ import onnx
 import pytest
 import torch
 
+from slimdeploy import logs
 from slimdeploy.pipeline import load_pruned
+from slimdeploy.results import RunReport
 from slimdeploy.train import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +53,11 @@ def test_quickstart_end_to_end(tmp_path):
     assert all(l["after"] >= 1 for l in pr["layers"]) and any(l["after"] < l["before"] for l in pr["layers"])
     assert report["train"]["epochs"] == 2 and report["train"]["seconds"] > 0
     onnx.checker.check_model(str(out / "pruned.onnx"))
+    # one latency row shape for every backend, and the file reads back as the typed report
+    assert report["schema_version"] == 1
+    assert {row["backend"] for row in report["latency"]} == {"onnxruntime", "pytorch"}
+    assert all(set(row) == {"backend", "batch", "threads", "session", "dense", "pruned"} for row in report["latency"])
+    assert RunReport.from_json(out / "report.json").to_json() == report
 
     # every artefact reloads without pickled classes
     ck = load_checkpoint(out / "checkpoints" / "last.pt")
@@ -106,3 +114,32 @@ def test_int8_export_reports_accuracy_and_latency(tmp_path):
     assert q["activation"] == ("uint8" if q["target"] == "x86" else "int8") and q["weights"] == "int8"
     md = (out / "report.md").read_text()
     assert f"{q['activation']} activations" in md and "INT8 / FP32" in md
+
+
+@pytest.fixture
+def package_logger():
+    logger = logging.getLogger(logs.PACKAGE)
+    saved = logger.handlers[:], logger.level
+    yield logging.getLogger("slimdeploy.pipeline")
+    logger.handlers[:], logger.level = saved
+
+
+def test_log_lines_come_from_rank_0_through_one_handler(package_logger, monkeypatch, capsys):
+    logs.setup_logging(quiet=False)
+    logs.setup_logging(quiet=False)  # the CLI may run twice in one process: still one handler
+    assert sum(isinstance(h, logs.TqdmHandler) for h in logging.getLogger(logs.PACKAGE).handlers) == 1
+    package_logger.info("rank 0 line")
+    monkeypatch.setenv("RANK", "1")
+    package_logger.warning("rank 1 line")
+    assert not logs.progress_bars(True)
+    monkeypatch.setenv("RANK", "0")
+    assert logs.progress_bars(True) and not logs.progress_bars(False)
+    out = capsys.readouterr().out
+    assert out == "rank 0 line\n"
+
+
+def test_quiet_keeps_warnings_only(package_logger, capsys):
+    logs.setup_logging(quiet=True)
+    package_logger.info("stage done")
+    package_logger.warning("careful")
+    assert capsys.readouterr().out == "careful\n"

@@ -5,31 +5,20 @@ import copy
 import pytest
 import torch
 
+from slimdeploy.bn import affine_bns
 from slimdeploy.export import export_onnx, verify_onnx
 from slimdeploy.graph import build_graph, channel_groups
-from slimdeploy.models import build_model
-from slimdeploy.plan import ChannelPlan, make_plan
+from slimdeploy.plan import ChannelPlan, GroupPlan, make_plan
 from slimdeploy.prune import BiasMap, apply_plan, layer_widths, mask_plan, rebuild_pruned, zero_removed_gammas
+
+from helpers import trained_like
 
 SHAPE = (3, 32, 32)
 
 
-def _trained_like(name, seed=0):
-    """A model in eval mode with random BN statistics and γ spread over magnitudes, as after training."""
-    torch.manual_seed(seed)
-    model = build_model(name, 10)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data = torch.rand(m.num_features) ** 3
-            m.bias.data = torch.randn(m.num_features) * 0.1
-            m.running_mean.data = torch.randn(m.num_features) * 0.1
-            m.running_var.data = torch.rand(m.num_features) + 0.5
-    return model.eval()
-
-
 def _plan(model, name, **prune):
     groups = channel_groups(model, build_graph(model, torch.randn(1, *SHAPE)))
-    scores = {n: m.weight.detach().abs() for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    scores = {n: bn.weight.detach().abs() for n, bn in affine_bns(model).items()}
     kwargs = {"how": "percent", "amount": 0.5, **prune}
     return groups, make_plan(groups, scores, **kwargs, model_name=name, num_classes=10, input_shape=SHAPE)
 
@@ -37,7 +26,7 @@ def _plan(model, name, **prune):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["vgg19", "resnet56", "resnet164", "densenet40"])
 def test_pruned_model_runs_and_exports_identically(name, tmp_path):
-    dense = _trained_like(name)
+    dense = trained_like(name)
     _, plan = _plan(dense, name)
     pruned = apply_plan(copy.deepcopy(dense), plan)
     assert 0.4 < 1 - plan.channels_kept / plan.channels_total <= 0.5
@@ -54,7 +43,7 @@ def test_pruned_equals_masked(name):
     function wherever the removed channels are read only through BNs: post-activation VGG/ResNet
     (a whole residual stream goes together) and pre-activation DenseNet (every consumer of a
     concatenated channel starts with BN)."""
-    dense = _trained_like(name)
+    dense = trained_like(name)
     groups, plan = _plan(dense, name)
     masked = mask_plan(copy.deepcopy(dense), groups, plan)
     pruned = apply_plan(copy.deepcopy(dense), plan)
@@ -66,7 +55,7 @@ def test_pruned_equals_masked(name):
 
 
 def test_residual_stream_is_one_group():
-    model = _trained_like("resnet20")
+    model = trained_like("resnet20")
     groups = channel_groups(model, build_graph(model, torch.randn(1, *SHAPE)))
     stream = [g for g in groups if g.root == "conv1"]
     assert stream, [g.root for g in groups]
@@ -76,7 +65,7 @@ def test_residual_stream_is_one_group():
 
 
 def test_no_layer_reaches_zero_channels():
-    model = _trained_like("resnet20")
+    model = trained_like("resnet20")
     _, plan = _plan(model, "resnet20", amount=0.99, min_channels=2)
     assert all(g.kept >= 2 for g in plan.groups)
     pruned = apply_plan(copy.deepcopy(model), plan)
@@ -85,7 +74,7 @@ def test_no_layer_reaches_zero_channels():
 
 
 def test_round_to_gives_multiples():
-    model = _trained_like("vgg11")
+    model = trained_like("vgg11")
     _, plan = _plan(model, "vgg11", amount=0.6, round_to=8)
     assert all(g.kept % 8 == 0 for g in plan.groups)
     pruned = apply_plan(copy.deepcopy(model), plan)
@@ -94,7 +83,7 @@ def test_round_to_gives_multiples():
 
 
 def test_plan_modes_threshold_and_zeros():
-    model = _trained_like("resnet20")
+    model = trained_like("resnet20")
     for m in list(model.modules())[:12]:
         if isinstance(m, torch.nn.BatchNorm2d):
             m.weight.data[:3] = 0
@@ -106,7 +95,7 @@ def test_plan_modes_threshold_and_zeros():
 
 @pytest.mark.slow
 def test_plan_json_rebuilds_identical_model(tmp_path):
-    dense = _trained_like("resnet56")
+    dense = trained_like("resnet56")
     _, plan = _plan(dense, "resnet56")
     pruned = apply_plan(copy.deepcopy(dense), plan)
     plan.to_json(tmp_path / "plan.json")
@@ -127,7 +116,7 @@ def test_compensation_reproduces_the_gamma_zeroed_model(name, exact):
     zero computes (β kept): exactly wherever every read of a removed channel goes through a BN (borders
     included, by bias maps); ResNet-164's 1×1 shortcut reads the stream raw, so there only closely.
     The interior-only bias is in between, and no compensation is far off."""
-    dense = _trained_like(name)
+    dense = trained_like(name)
     for m in dense.modules():  # BN shifts large enough that dropping them matters
         if isinstance(m, torch.nn.BatchNorm2d):
             m.bias.data = torch.randn(m.num_features) * 0.5
@@ -162,8 +151,6 @@ def test_compensation_is_exact_without_padding():
     for bn in (net[1], net[4]):
         bn.bias.data = torch.randn(bn.num_features)
         bn.running_var.data = torch.rand(bn.num_features) + 0.5
-    from slimdeploy.plan import GroupPlan
-
     plan = ChannelPlan("none", 3, [3, 8, 8], "percent", [GroupPlan("0", 8, [1, 4, 6], ["1"]),
                                                           GroupPlan("3", 6, [0, 5], ["4"])])
     zeroed = zero_removed_gammas(copy.deepcopy(net), plan)
@@ -176,7 +163,7 @@ def test_compensation_is_exact_without_padding():
 
 @pytest.mark.slow
 def test_compensated_plan_rebuilds(tmp_path):
-    dense = _trained_like("resnet20")
+    dense = trained_like("resnet20")
     _, plan = _plan(dense, "resnet20")
     pruned = apply_plan(copy.deepcopy(dense), plan, calibration=torch.randn(8, *SHAPE))
     assert plan.biased
@@ -193,7 +180,7 @@ def test_torchvision_models_prune_compensate_and_export(name, tmp_path):
     """Bottleneck/basic residual streams, depthwise and grouped convs: pruned without compensation
     equals the γ,β-masked model wherever BNs gate every read, compensation moves the pruned model
     towards the γ-zeroed one, and the export matches PyTorch."""
-    dense = _trained_like(name)
+    dense = trained_like(name)
     groups, plan = _plan(dense, name, amount=0.4)
     x = torch.randn(2, *SHAPE)
     masked = mask_plan(copy.deepcopy(dense), groups, plan)
@@ -210,19 +197,23 @@ def test_torchvision_models_prune_compensate_and_export(name, tmp_path):
     assert check.max_abs_diff <= 1e-4 * check.max_abs_logit
 
 
-def test_model_without_batchnorm_is_a_clear_error():
+@pytest.mark.parametrize("norm", [torch.nn.Identity(), torch.nn.BatchNorm2d(4, affine=False)])
+def test_model_without_batchnorm_is_a_clear_error(norm):
+    """No BN, or only BNs without γ: nothing for network slimming to score."""
     from slimdeploy.errors import ModelError
 
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(2))
-    with pytest.raises(ModelError, match="no BatchNorm"):  # bad input: exit code 2 at the CLI
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), norm, torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.LazyLinear(2))
+    with pytest.raises(ModelError, match="no BatchNorm layer with a learnable γ") as err:  # exit code 2 at the CLI
         build_graph(net, torch.randn(1, *SHAPE))
+    assert "\n" not in str(err.value)
 
 
 def test_plan_with_unregularised_bns_and_rounding_bounds():
-    model = _trained_like("resnet20")
+    model = trained_like("resnet20")
     groups = channel_groups(model, build_graph(model, torch.randn(1, *SHAPE)))
-    scores = {n: m.weight.detach().abs() for n, m in model.named_modules()
-              if isinstance(m, torch.nn.BatchNorm2d) and n != "bn1"}  # as with sparsity.exclude: [bn1]
+    scores = {n: bn.weight.detach().abs() for n, bn in affine_bns(model).items()
+              if n != "bn1"}  # as with sparsity.exclude: [bn1]
     plan = make_plan(groups, scores, how="percent", amount=0.9, min_channels=10, round_to=8,
                      model_name="resnet20", num_classes=10, input_shape=SHAPE)
     assert all(g.kept >= min(10, g.channels) for g in plan.groups)
@@ -231,10 +222,19 @@ def test_plan_with_unregularised_bns_and_rounding_bounds():
     assert untouched.channels_kept == untouched.channels_total  # no zero scores: nothing goes
 
 
-def test_interior_bias_is_the_centre_value():
-    from slimdeploy.prune import _interior
-
-    conv = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)
-    conv.weight.data.fill_(1.0)
-    contribution = conv(torch.full((1, 1, 8, 8), 2.0))[0].detach()
-    assert float(_interior(contribution)) == 18.0  # 9 taps × 2, away from the zero padding
+def test_interior_bias_is_exact_away_from_the_borders():
+    """Without bias maps, a removed channel's constant reaches a zero-padded 3×3 conv as the bias it adds
+    away from the borders: exact inside, off where the padding cuts the kernel."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 2, 3, padding=1, bias=False)).eval()
+    net[1].bias.data = torch.rand(4) + 0.5  # positive shifts: the removed channels pass the ReLU
+    plan = ChannelPlan("none", 3, [3, 8, 8], "percent", [GroupPlan("0", 4, [1, 2], ["1"])])
+    zeroed = zero_removed_gammas(copy.deepcopy(net), plan)
+    pruned = apply_plan(copy.deepcopy(net), plan, calibration=torch.randn(4, 3, 8, 8), exact=False)
+    assert plan.biased == ["3"] and not plan.bias_maps
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        got, expected = pruned(x), zeroed(x)
+    torch.testing.assert_close(got[..., 1:-1, 1:-1], expected[..., 1:-1, 1:-1], atol=1e-5, rtol=1e-5)
+    assert (got[..., 0, :] - expected[..., 0, :]).abs().min() > 1e-3  # the padding cut these reads

@@ -1,14 +1,10 @@
 """Recipe validation and the CLI's contract: bad input → exit 2 and one line naming the key."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from slimdeploy.recipe import RecipeError, build_recipe, load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, run_cli
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
@@ -55,11 +51,6 @@ def test_bad_values_name_the_key(overrides, key):
     assert "\n" not in str(err.value)
 
 
-def _cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "compress.py"), *args],
-                          capture_output=True, text=True, cwd=cwd, timeout=120)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "text, args, key",
@@ -78,7 +69,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, text, args, key):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     out = tmp_path / "run"
-    res = _cli(str(path), "--out", str(out), *args)
+    res = run_cli(path, out=out, args=args, timeout=120)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0], res.stderr
@@ -88,7 +79,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, text, args, key):
 
 @pytest.mark.slow
 def test_cli_missing_recipe_file(tmp_path):
-    res = _cli(str(tmp_path / "nope.yaml"))
+    res = run_cli(tmp_path / "nope.yaml", timeout=120)
     assert res.returncode == 2 and "nope.yaml" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
@@ -96,7 +87,7 @@ def test_cli_missing_recipe_file(tmp_path):
 def test_cli_missing_cifar_says_where_and_how(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model: {name: resnet20}\ndata: {name: cifar10}\n")
-    res = _cli(str(path), "--out", str(tmp_path / "run"), "--quiet", "--set", f"data.root={tmp_path / 'empty'}")
+    res = run_cli(path, f"data.root={tmp_path / 'empty'}", out=tmp_path / "run", timeout=120)
     assert res.returncode == 1
     line = res.stderr.strip().splitlines()[-1]
     assert "cifar-10-batches-py" in line and "data.name=synthetic" in line and "Traceback" not in res.stderr

@@ -6,9 +6,11 @@ import onnx
 import pytest
 import torch
 
+from helpers import tiny_recipe
 from slimdeploy import pipeline, runtimes
-from slimdeploy.export import ExportMismatchError, export_onnx
+from slimdeploy.export import ExportError, ExportMismatchError, export_onnx
 from slimdeploy.models import build_model
+from slimdeploy.ortbench import SessionConfig
 from slimdeploy.recipe import RecipeError, build_recipe
 
 SHAPE = (3, 32, 32)
@@ -60,6 +62,18 @@ def test_tampered_weight_fails_verification(openvino, resnet20, tmp_path):
     assert "\n" not in str(err.value) and "tampered.onnx" in str(err.value)
 
 
+def test_onnxruntime_runs_in_its_session_config(resnet20, tmp_path):
+    model, path = resnet20
+    config = SessionConfig(threads=2, spinning=False, opt_level="basic")
+    check = runtimes.verify(runtimes.OnnxRuntime(path, config), model, torch.randn(2, *SHAPE), tolerance=1e-4)
+    assert {k: check[k] for k in config.describe()} == config.describe() and check["precision"] == "f32"
+    assert runtimes.OnnxRuntime.load(path, 1, spinning=False).config == SessionConfig(threads=1, spinning=False)
+    (tmp_path / "bad.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(ExportError, match="bad.onnx: onnxruntime cannot load the model") as err:
+        runtimes.OnnxRuntime.load(tmp_path / "bad.onnx", 1)
+    assert "\n" not in str(err.value)
+
+
 class _Shifted:
     """A stand-in runtime whose logits are off by ``shift`` x max |logit| in the given precision."""
 
@@ -92,7 +106,7 @@ def test_recipe_runtimes_default_and_errors(monkeypatch):
     assert build_recipe({}).bench.runtimes == ["onnxruntime"]
     with pytest.raises(RecipeError) as err:
         build_recipe({"bench": {"runtimes": ["onnxruntime", "tensorrt"]}})
-    assert "bench.runtimes: unknown runtime 'tensorrt'; allowed: onnxruntime, openvino" in str(err.value)
+    assert "bench.runtimes: unknown runtime 'tensorrt'; allowed: onnxruntime, openvino, executorch" in str(err.value)
     assert "\n" not in str(err.value)
     with pytest.raises(RecipeError, match="bench.runtimes: must not repeat"):
         build_recipe({"bench": {"runtimes": ["onnxruntime", "onnxruntime"]}})
@@ -109,25 +123,13 @@ def test_time_models_interleaves_runtimes(openvino, resnet20):
         assert s.batch == 2 and s.threads == 1 and 0 < s.p50 <= s.p90 <= s.p99
 
 
-def _tiny_recipe(runtimes_: list[str]) -> dict:
-    return {
-        "device": "cpu",
-        "model": {"name": "resnet20"},
-        "data": {"name": "synthetic", "image_size": 16, "train_size": 32, "test_size": 32,
-                 "batch_size": 16, "eval_batch_size": 32, "augment": False},
-        "train": {"epochs": 1, "lr": 0.01, "schedule": "constant"},
-        "sparsity": {"method": "subgradient", "penalty": "l1", "lam": 1e-4},
-        "prune": {"how": "percent", "percent": 0.3, "calibration_images": 8},
-        "finetune": {"epochs": 0},
-        "export": {"check_batch": 4},
-        "bench": {"iters": 2, "warmup": 0, "torch": False, "runtimes": runtimes_,
-                  "settings": [{"batch": 1, "threads": 1}, {"batch": 4, "threads": 2}]},
-    }
-
-
 @pytest.mark.slow
 def test_pipeline_reports_verified_openvino_rows(openvino, tmp_path):
-    recipe = build_recipe(_tiny_recipe(["onnxruntime", "openvino"]))
+    recipe = build_recipe(tiny_recipe(
+        data={"train_size": 32, "test_size": 32, "eval_batch_size": 32},
+        bench={"iters": 2, "runtimes": ["onnxruntime", "openvino"],
+               "settings": [{"batch": 1, "threads": 1}, {"batch": 4, "threads": 2}]},
+    ))
     report = pipeline.run(recipe, tmp_path, export_format="onnx", progress=False).report
     check = report["runtimes"]["openvino"]
     assert check["precision"] in runtimes.PRECISION_TOLERANCE and check["threads"] >= 1

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from slimdeploy import penalties
+from slimdeploy.bn import is_affine_bn
 from slimdeploy.data import Normalize, make_synthetic
 from slimdeploy.graph import build_graph, channel_groups
 from slimdeploy.models import build_model
@@ -31,6 +32,14 @@ def test_select_bns_patterns():
     assert list(select_bns(net)) == ["1", "4"]
     assert list(select_bns(net, include=["4"])) == ["4"]
     assert list(select_bns(net, exclude=["1"])) == ["4"]
+
+
+def test_only_bns_with_a_gamma_are_selected():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False), nn.ReLU(), nn.Conv2d(8, 6, 3),
+                        nn.BatchNorm2d(6), nn.InstanceNorm2d(6, affine=True), nn.Flatten(), nn.Linear(6, 4),
+                        nn.BatchNorm1d(4))
+    assert list(select_bns(net)) == ["4", "8"]
+    assert not is_affine_bn(net[1]) and not is_affine_bn(net[5]) and is_affine_bn(net[8])
 
 
 def test_subgradient_adds_penalty_gradient_to_every_gamma():

@@ -5,6 +5,8 @@ import builtins
 import os
 import pickle
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,6 @@ import pytest
 from slimdeploy.data import DataError, load_cifar
 
 from slimdeploy.cli import compress as cli
-
-ROOT = Path(__file__).resolve().parents[1]
 
 CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
@@ -107,8 +107,10 @@ def test_planted_batch_is_refused_and_never_runs(tmp_path, payload, nested, forb
     assert "\n" not in message and str(planted) in message and forbidden in message, message
     assert not marker.exists()
 
-    with open(planted, "rb") as fh:  # the planted file is live: an unrestricted load runs it
-        pickle.load(fh, encoding="bytes")
+    # The planted file is live: an unrestricted load runs it. In a child process, because os.system
+    # forking this multi-threaded test process (torch, onnxruntime and OpenMP pools) can crash it.
+    load = "import pickle, sys; pickle.load(open(sys.argv[1], 'rb'), encoding='bytes')"
+    subprocess.run([sys.executable, "-c", load, str(planted)], capture_output=True, timeout=120)
     assert marker.exists()
 
 

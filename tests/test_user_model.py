@@ -1,7 +1,6 @@
 """A user's own model file, its trained weights and an ImageFolder, through the CLI and the library;
 pretrained torchvision weights from the hub cache; bad model input as one line with exit code 2."""
 
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -16,7 +15,7 @@ import slimdeploy as sd
 from slimdeploy.errors import ModelError
 from slimdeploy.models import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import run_cli, trained_like
 
 USER_MODEL = textwrap.dedent("""
     import torch
@@ -82,18 +81,10 @@ def project(tmp_path_factory):
     import usermodels
 
     torch.manual_seed(0)
-    model = usermodels.mobile_style(num_classes=3)
-    for m in model.modules():  # γ spread over magnitudes, as after training
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data = torch.rand(m.num_features) ** 2
+    model = trained_like(usermodels.mobile_style(num_classes=3), gamma_power=2)
     torch.save({"epoch": 7, "state_dict": model.state_dict()}, root / "trained.pt")
     yield root, usermodels
     sys.path.remove(str(root))
-
-
-def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "compress.py"), *args],
-                          capture_output=True, text=True, timeout=900, cwd=cwd)
 
 
 def _recipe(root: Path, **model) -> Path:
@@ -117,7 +108,7 @@ def _recipe(root: Path, **model) -> Path:
 def test_user_model_weights_and_imagefolder_through_the_cli(project):
     root, usermodels = project
     out = root / "run"
-    res = _cli(str(_recipe(root)), "--export", "onnx", "--out", str(out), "--quiet")
+    res = run_cli(_recipe(root), out=out, args=["--export", "onnx"])
     assert res.returncode == 0, res.stderr[-3000:]
     plan = (out / "pruned_plan.json").read_text()
     assert "usermodels.py:mobile_style" in plan and '"num_classes": 3' in plan
@@ -184,7 +175,7 @@ def test_pretrained_torchvision_weights_come_from_the_hub_cache(tmp_path, monkey
 def test_bad_model_input_is_one_line_with_exit_2(project, model, message):
     root, _ = project
     model = {k: v.replace("{root}", str(root)) for k, v in model.items()}
-    res = _cli(str(_recipe(root, **model)), "--out", str(root / "bad"), "--quiet")
+    res = run_cli(_recipe(root, **model), out=root / "bad")
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
     assert message in lines[0], lines[0]

@@ -30,6 +30,7 @@ from torchvision.models.googlenet import GoogLeNetOutputs
 
 from slimdeploy import pipeline
 from slimdeploy.api import prune_with_record
+from slimdeploy.bn import affine_bns
 from slimdeploy.errors import SlimdeployError
 from slimdeploy.export import ExportError, export_onnx, verify_onnx
 from slimdeploy.graph import GraphError, build_graph, channel_groups
@@ -37,7 +38,8 @@ from slimdeploy.models import build_model
 from slimdeploy.outputs import main_logits
 from slimdeploy.prune import layer_widths, zero_bn_channels
 from slimdeploy.recipe import build_recipe
-from slimdeploy.sparsity import BN_TYPES
+
+from helpers import tiny_recipe, trained_like
 
 BUILDERS = sorted(torchvision.models.list_models(module=torchvision.models))
 PRUNE_MAX_PARAMS = 200e6
@@ -92,28 +94,10 @@ def _meta_model(builder: str) -> torch.nn.Module | None:
         return None
 
 
-def _has_batchnorm(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, BN_TYPES) for m in model.modules())
-
-
-def _recipe(builder: str, size: int) -> dict:
-    return {
-        "device": "cpu",
-        "model": {"name": f"torchvision:{builder}", "kwargs": KWARGS.get(builder, {})},
-        "data": {"name": "synthetic", "image_size": size, "train_size": 16, "test_size": 16,
-                 "batch_size": 16, "eval_batch_size": 16, "augment": False},
-        "train": {"epochs": 1, "lr": 0.01, "schedule": "constant"},
-        "sparsity": {"method": "subgradient", "penalty": "l1", "lam": 1e-4},
-        "prune": {"how": "percent", "percent": 0.3, "calibration_images": 8},
-        "finetune": {"epochs": 0},
-        "export": {"check_batch": 4},
-        "bench": {"iters": 1, "warmup": 0, "torch": False, "settings": [{"batch": 1, "threads": 1}]},
-    }
-
-
 def _run_pipeline(builder: str, size: int, out_dir) -> None:
-    report = pipeline.run(build_recipe(_recipe(builder, size)), out_dir, export_format="onnx",
-                          progress=False).report
+    recipe = tiny_recipe(model={"name": f"torchvision:{builder}", "kwargs": KWARGS.get(builder, {})},
+                         data={"image_size": size})
+    report = pipeline.run(build_recipe(recipe), out_dir, export_format="onnx", progress=False).report
     export, pruning = report["export"], report["pruning"]
     assert export["max_abs_diff"] <= export["tolerance"] * export["max_abs_logit"]
     assert export["dense_max_abs_diff"] <= export["tolerance"] * export["dense_max_abs_logit"]
@@ -127,23 +111,15 @@ def _assert_close(diff: float, scale: float, relative: float = 1e-4) -> None:
     assert diff <= relative * scale + 1e-6, f"max |pruned - γ-zeroed| = {diff:.3g} at max |logit| {scale:.3g}"
 
 
-@torch.no_grad()
-def _randomise_bn(model: torch.nn.Module, gen: torch.Generator) -> None:
-    """γ, β and running statistics of an untrained-looking but generic model: removed channels then
-    still send constants onward, which compensation has to reproduce."""
-    for m in model.modules():
-        if isinstance(m, BN_TYPES):
-            m.weight.copy_(torch.rand(m.weight.shape, generator=gen))
-            m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+def _generic(model: torch.nn.Module) -> torch.nn.Module:
+    """BN statistics and γ, β of a generic model: removed channels still send constants onward, which
+    compensation has to reproduce; γ uniform (not spread) keeps deep models' activations from fading."""
+    return trained_like(model, gamma_power=1)
 
 
 def _check_pruning(builder: str, size: int) -> None:
-    gen = torch.Generator().manual_seed(0)
-    model = build_model(f"torchvision:{builder}", CLASSES).eval()
-    _randomise_bn(model, gen)
-    calibration, x = torch.randn(2, 4, 3, size, size, generator=gen)
+    model = _generic(build_model(f"torchvision:{builder}", CLASSES))
+    calibration, x = torch.randn(2, 4, 3, size, size, generator=torch.Generator().manual_seed(0))
     outcome = prune_with_record(model, calibration, amount=0.3, model_name=f"torchvision:{builder}")
     reference = zero_bn_channels(copy.deepcopy(model), outcome.zeroed_bn_channels)
     with torch.no_grad():
@@ -156,7 +132,7 @@ def _check_pruning(builder: str, size: int) -> None:
 def _check_graph(builder: str, size: int) -> None:
     model = build_model(f"torchvision:{builder}", CLASSES).eval()
     groups = channel_groups(model, build_graph(model, torch.randn(1, 3, size, size)))
-    bns = {name for name, m in model.named_modules() if isinstance(m, BN_TYPES)}
+    bns = set(affine_bns(model))
     assert groups and {slot.name for g in groups for slot in g.bns} <= bns
     for group in groups:
         for slot in group.bns:
@@ -178,7 +154,7 @@ def sweep_one(builder: str, tmp_path: Path) -> None:
     torch.set_num_threads(1)  # 32 px tensors: two threads waiting on each other took twice as long
     size = INPUT_SIZE.get(builder, 32)
     meta = _meta_model(builder)
-    if meta is not None and not _has_batchnorm(meta):
+    if meta is not None and not affine_bns(meta):
         # Nothing for network slimming to score: the graph stage says so in one line.
         with pytest.raises(SlimdeployError, match="no BatchNorm layer") as err:
             build_graph(meta, torch.randn(1, 3, size, size, device="meta"))
@@ -236,8 +212,7 @@ def test_shufflenet_prunes_only_channels_no_shuffle_crosses():
     from torchvision.models import shufflenetv2
 
     shuffle = shufflenetv2.channel_shuffle
-    model = build_model("torchvision:shufflenet_v2_x0_5", CLASSES).eval()
-    _randomise_bn(model, torch.Generator().manual_seed(0))
+    model = _generic(build_model("torchvision:shufflenet_v2_x0_5", CLASSES))
     x = torch.randn(4, 3, 32, 32)
     groups = channel_groups(model, build_graph(model, x[:1]))
     assert groups and not _shuffle_bns(groups)

@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe key, e.g. --set train.epochs=2 (repeatable)")
     ap.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoints")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars or log lines, only warnings and errors")
     return ap.parse_args(argv)
 
 
@@ -34,7 +34,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from slimdeploy import pipeline
     from slimdeploy.errors import SlimdeployError
+    from slimdeploy.logs import setup_logging
     from slimdeploy.recipe import load_recipe
+
+    setup_logging(quiet=args.quiet)
 
     out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
     try:
@@ -55,13 +58,12 @@ def main(argv=None) -> int:
             raise
         print(f"error: {type(err).__name__}: {err} (SLIMDEPLOY_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
-    r = result.report
-    if not r:  # a torchrun rank other than 0: rank 0 reports
+    r = result.run_report
+    if r is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print(
-        f"{out}: params {r['dense']['params']:,} → {r['pruned']['params']:,}, "
-        f"MACs {r['dense']['macs']:,} → {r['pruned']['macs']:,}, "
-        f"accuracy {r['dense']['accuracy']:.2f}% → {r['pruned']['accuracy']:.2f}%"
+        f"{out}: params {r.dense.params:,} → {r.pruned.params:,}, MACs {r.dense.macs:,} → {r.pruned.macs:,}, "
+        f"accuracy {r.dense.accuracy:.2f}% → {r.pruned.accuracy:.2f}%"
     )
     return 0
 

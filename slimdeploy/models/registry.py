@@ -17,8 +17,8 @@ from urllib.parse import urlparse
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from slimdeploy.bn import affine_bns, is_affine_bn
 from slimdeploy.errors import ModelError
 from slimdeploy.imports import is_import_path, resolve
 
@@ -86,11 +86,9 @@ def init_weights(model: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, _BatchNorm):
-            if m.weight is not None:
-                nn.init.ones_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        elif is_affine_bn(m):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -100,10 +98,9 @@ def set_bn_weight(model: nn.Module, value: float) -> int:
     """Fill every affine BatchNorm weight (gamma) with ``value``; returns the number of layers set."""
     count = 0
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, _BatchNorm) and m.weight is not None:
-                m.weight.fill_(float(value))
-                count += 1
+        for m in affine_bns(model).values():
+            m.weight.fill_(float(value))
+            count += 1
     return count
 
 
