@@ -16,6 +16,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from torchvision.transforms import v2
 
 from slimdeploy import imports
 from slimdeploy.errors import InputError, SlimdeployError
+from slimdeploy.registry import Registry
 
 CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
 CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
@@ -372,14 +374,22 @@ def _folder_dataset(name, train, val, num_classes, source, image_size, augmentat
     return Dataset(name, *splits, num_classes, IMAGENET_MEAN, IMAGENET_STD)
 
 
+# The named data sets, each loaded from a recipe's data section and the seed; any other data.name is a
+# factory's import path.
+DATASETS: Registry[Callable[[Any, int], Dataset]] = Registry("data set")
+for _cifar in _LAYOUT:
+    DATASETS.register(_cifar, description=f"{_cifar} in memory, from data.root")(
+        lambda cfg, seed: load_cifar(cfg.name, cfg.root))
+DATASETS.register("synthetic", description="random images of data.num_classes learnable classes")(
+    lambda cfg, seed: make_synthetic(cfg.num_classes, cfg.input_size, cfg.train_size, cfg.test_size, seed))
+DATASETS.register("imagefolder", description="data.root/train/<class>/ and data.root/val/<class>/ image files")(
+    lambda cfg, seed: load_image_folder(cfg.root, cfg.input_size, cfg.augmentation, cfg.workers))
+
+
 def load_dataset(cfg, seed: int = 0) -> Dataset:
     """The data set a recipe's ``data`` section names, with its mean and std unless the recipe sets them."""
-    if cfg.name == "synthetic":
-        data = make_synthetic(cfg.num_classes, cfg.input_size, cfg.train_size, cfg.test_size, seed)
-    elif cfg.name in _LAYOUT:
-        data = load_cifar(cfg.name, cfg.root)
-    elif cfg.name == "imagefolder":
-        data = load_image_folder(cfg.root, cfg.input_size, cfg.augmentation, cfg.workers)
+    if cfg.name in DATASETS:
+        data = DATASETS.get(cfg.name)(cfg, seed)
     else:
         data = load_factory(cfg.name, cfg.input_size, cfg.augmentation, cfg.workers)
     return replace(data, mean=cfg.mean or data.mean, std=cfg.std or data.std)

@@ -13,7 +13,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch import nn
 
-from slimdeploy.export import ExportError, _atomic_path, _on_cpu, eval_mode, first_line
+from slimdeploy.export import ExportError, atomic_path, eval_mode, first_line
 
 
 def pte_path(onnx_path) -> Path:
@@ -31,9 +31,9 @@ def export_pte(model: nn.Module, path, input_shape: tuple[int, int, int], max_ba
     path, shape = Path(path), "x".join(str(n) for n in input_shape)
     # XNNPACK's layout passes expect the default memory format: a channels_last model (as trained on
     # CPU) fails in ChannelsLastTaggedReshapePass, so the program is lowered from a contiguous copy.
-    cpu_model = copy.deepcopy(_on_cpu(model)).to(memory_format=torch.contiguous_format)
+    cpu_model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
     batch = torch.export.Dim("batch", min=1, max=max(max_batch, 2))  # export needs max > min
-    with eval_mode(cpu_model), _atomic_path(path) as tmp:
+    with eval_mode(cpu_model), atomic_path(path) as tmp:
         try:
             exported = torch.export.export(cpu_model, (torch.randn(2, *input_shape),),
                                            dynamic_shapes=({0: batch},))

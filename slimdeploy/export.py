@@ -57,7 +57,7 @@ def eval_mode(model: nn.Module):
             m.training = training
 
 
-def _on_cpu(model: nn.Module) -> nn.Module:
+def on_cpu(model: nn.Module) -> nn.Module:
     """The model itself if it lives on CPU, otherwise a CPU copy."""
     tensors = list(model.parameters()) + list(model.buffers())
     if all(t.device.type == "cpu" for t in tensors):
@@ -66,7 +66,7 @@ def _on_cpu(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _atomic_path(path: Path):
+def atomic_path(path: Path):
     """Yield a temp path next to `path`; rename it over `path` only on success."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.onnx")
@@ -94,9 +94,9 @@ def export_onnx(model: nn.Module, path, input_shape: tuple[int, int, int], opset
     graph dump it prints on failure is dropped.
     """
     path = Path(path)
-    cpu_model = _on_cpu(model)
+    cpu_model = on_cpu(model)
     example = torch.randn(2, *input_shape)
-    with eval_mode(cpu_model), _atomic_path(path) as tmp, warnings.catch_warnings():
+    with eval_mode(cpu_model), atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
         warnings.filterwarnings("ignore", message=r".*TorchScript-based ONNX export.*")
         try:
@@ -206,7 +206,7 @@ def verify_onnx(model: nn.Module, path, inputs: torch.Tensor, tolerance: float =
     max|ORT - PyTorch| > tolerance * max|logit|.
     """
     path = Path(path)
-    cpu_model = _on_cpu(model)
+    cpu_model = on_cpu(model)
     x = inputs.detach().float().cpu()
     with eval_mode(cpu_model), torch.no_grad():
         expected = cpu_model(x).numpy()
@@ -310,7 +310,7 @@ def quantize_int8(
     out_path = Path(out_path)
     data = np.ascontiguousarray(calibration, dtype=np.float32)
     input_name = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].name
-    with tempfile.TemporaryDirectory() as work, _atomic_path(out_path) as tmp:
+    with tempfile.TemporaryDirectory() as work, atomic_path(out_path) as tmp:
         # Shape inference + graph cleanup gives the quantiser complete shapes to work with.
         pre = Path(work) / "preprocessed.onnx"
         quant_pre_process(str(onnx_path), str(pre))

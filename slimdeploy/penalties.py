@@ -50,8 +50,10 @@ import math
 
 import torch
 
+from slimdeploy.registry import Registry
+
 __all__ = [
-    "PENALTY_NAMES",
+    "PENALTIES",
     "Penalty",
     "L1Penalty",
     "LpPenalty",
@@ -62,7 +64,7 @@ __all__ = [
     "gisa_prox_abs",
 ]
 
-PENALTY_NAMES = ("l1", "lp", "tl1", "mcp", "scad")
+PENALTIES: Registry[type["Penalty"]] = Registry("penalty")
 
 
 def _check_tensor(x: torch.Tensor, what: str) -> torch.Tensor:
@@ -133,6 +135,7 @@ class Penalty:
         return f"{type(self).__name__}(lam={self.lam!r}{extra})"
 
 
+@PENALTIES.register("l1", description="lam*|x| (network slimming)")
 class L1Penalty(Penalty):
     """``lam*|x|``; prox is soft thresholding."""
 
@@ -148,6 +151,7 @@ class L1Penalty(Penalty):
         return torch.clamp(u - step * self.lam, min=0.0)
 
 
+@PENALTIES.register("lp", description="lam*|x|**p, 0 < p < 1")
 class LpPenalty(Penalty):
     """``lam*|x|**p`` with 0 < p < 1.
 
@@ -235,6 +239,7 @@ def gisa_prox_abs(u: torch.Tensor, s: float, p: float) -> torch.Tensor:
     return torch.where(u > tau, x, torch.zeros_like(u))
 
 
+@PENALTIES.register("tl1", description="transformed L1, lam*(a+1)|x|/(a+|x|), a > 0")
 class TL1Penalty(Penalty):
     """Transformed L1, ``lam*(a+1)|x|/(a+|x|)`` with a > 0 (Zhang & Xin 2017).
 
@@ -271,6 +276,7 @@ class TL1Penalty(Penalty):
         return torch.where(u > t, x.clamp(min=0.0), torch.zeros_like(u))
 
 
+@PENALTIES.register("mcp", description="minimax concave penalty, a > 1")
 class MCPPenalty(Penalty):
     """Minimax concave penalty with a > 1 (Zhang 2010)."""
 
@@ -304,6 +310,7 @@ class MCPPenalty(Penalty):
         return torch.where(u > lam * math.sqrt(a * step), u, torch.zeros_like(u))
 
 
+@PENALTIES.register("scad", description="smoothly clipped absolute deviation, a > 2")
 class SCADPenalty(Penalty):
     """Smoothly clipped absolute deviation with a > 2 (Fan & Li 2001)."""
 
@@ -344,24 +351,12 @@ class SCADPenalty(Penalty):
         return torch.where(better_inner, inner, outer)
 
 
-_REGISTRY: dict[str, type[Penalty]] = {
-    "l1": L1Penalty,
-    "lp": LpPenalty,
-    "tl1": TL1Penalty,
-    "mcp": MCPPenalty,
-    "scad": SCADPenalty,
-}
-
-
 def get(name: str, lam: float, **params) -> Penalty:
-    """Build the penalty ``name`` (one of :data:`PENALTY_NAMES`) with weight ``lam``.
+    """Build the penalty ``name`` (one of ``PENALTIES.names()``) with weight ``lam``.
 
     ``params`` may hold ``p`` (lp), ``a`` (tl1, mcp, scad) and ``eps`` (lp);
     parameters a penalty does not use, or given as None, are ignored.
     """
-    key = str(name).strip().lower()
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown penalty {name!r}; allowed: {', '.join(PENALTY_NAMES)}")
-    cls = _REGISTRY[key]
+    cls = PENALTIES.get(str(name).strip().lower())
     kwargs = {k: params[k] for k in cls._params if params.get(k) is not None}
     return cls(lam, **kwargs)

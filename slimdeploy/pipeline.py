@@ -18,7 +18,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from slimdeploy.models import build_model
 from slimdeploy.plan import ChannelPlan
 from slimdeploy.prune import layer_widths, zero_bn_channels
 from slimdeploy.recipe import Recipe
+from slimdeploy.registry import Registry
 from slimdeploy.results import (
     ExportSummary, Int8LatencyRow, Int8Model, Int8Summary, LatencyRow, LayerWidth, ModelSummary, Percentiles,
     ProximalSummary, PruningSummary, RunReport, SparsitySummary, Speedup, StageHistory, ZeroedGammaCheck,
@@ -39,7 +40,10 @@ from slimdeploy.rundir import MODELS, RunDir
 from slimdeploy.sparsity import ProximalSparsifier, Sparsifier, make_sparsifier
 from slimdeploy.train import LoopSettings, TrainResult, evaluate, train, use_channels_last
 
-EXPORTS = ("onnx", "onnx-int8")
+# --export FORMAT: after both models are exported to ONNX and checked, the format's own stage runs; what it
+# returns goes into the report's int8 entry (None: nothing to add).
+EXPORTS: Registry[Callable[["RunContext"], Int8Summary | None]] = Registry("export format")
+EXPORTS.register("onnx", description="dense and pruned models in ONNX, checked in onnxruntime")(lambda ctx: None)
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +258,7 @@ def _int8_latency(ctx: RunContext, paths: list[Path], setting) -> Int8LatencyRow
                           speedup_vs_fp32=Speedup(dense32.p50 / dense8.p50, pruned32.p50 / pruned8.p50))
 
 
+@EXPORTS.register("onnx-int8", description="ONNX, plus both models quantized to static INT8 (QDQ)")
 def int8_stage(ctx: RunContext) -> Int8Summary:
     """Both ONNX models quantized for the recipe's INT8 target; accuracy and latency beside FP32."""
     cfg = ctx.recipe.export
@@ -312,7 +317,7 @@ def _verify_runtimes(ctx: RunContext, models: ModelPair, files: dict[str, list[P
     check = _cpu_batch(ctx.normalize, ctx.data.test, cfg.check_batch)
     checks = {}
     for name, paths in files.items():
-        d, p = [runtimes.verify(runtimes.RUNTIMES[name].load(path, _threads(0)), model, check, cfg.tolerance)
+        d, p = [runtimes.verify(runtimes.RUNTIMES.get(name).load(path, _threads(0)), model, check, cfg.tolerance)
                 for model, path in zip(models, paths)]
         checks[name] = {**p, "dense_max_abs_diff": d["max_abs_diff"], "dense_max_abs_logit": d["max_abs_logit"]}
     return checks
@@ -332,7 +337,7 @@ def _bench_setting(ctx: RunContext, models: ModelPair, onnx_paths: list[Path], f
         rows.append(LatencyRow(backend="onnxruntime", batch=setting.batch, threads=threads, session=session,
                                dense=dense, pruned=pruned))
     for name, paths in files.items():  # each runtime's dense and pruned models timed interleaved
-        loaded = [runtimes.RUNTIMES[name].load(path, threads) for path in paths]
+        loaded = [runtimes.RUNTIMES.get(name).load(path, threads) for path in paths]
         dense, pruned = runtimes.time_models(loaded, shape, setting.batch, cfg.warmup, cfg.iters, threads)
         rows.append(LatencyRow(backend=name, batch=setting.batch, threads=threads, session=loaded[0].describe(),
                                dense=dense, pruned=pruned))
@@ -380,8 +385,8 @@ def run(
     Under torchrun every process trains its shard and prunes alike; only rank 0 writes files, exports,
     benchmarks and reports (the other ranks return an empty report).
     """
-    if export_format not in (None, *EXPORTS):
-        raise ValueError(f"export must be one of {', '.join(EXPORTS)}, got {export_format!r}")
+    if export_format is not None:
+        EXPORTS.get(export_format)  # ValueError naming the allowed formats
     procs, device = distributed.setup(recipe.device)
     try:
         run_dir = RunDir(Path(out_dir), procs)
@@ -411,7 +416,7 @@ def _run(ctx: RunContext, recipe_name: str, export_format: str | None) -> RunRes
     files = _runtime_files(ctx, models, onnx_paths)
     runtime_checks = _verify_runtimes(ctx, models, files)
     latency = benchmark_stage(ctx, models, onnx_paths, files)
-    int8 = int8_stage(ctx) if export_format == "onnx-int8" else None
+    int8 = EXPORTS.get(export_format)(ctx) if export_format else None
 
     accuracies = (sparse.accuracy, finetuned.accuracy if finetuned else pruning.accuracy)
     dense_summary, pruned_summary = _model_summaries(ctx, models, accuracies, onnx_paths, latency)

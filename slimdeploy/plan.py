@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from slimdeploy.graph import ChannelGroup
+from slimdeploy.registry import Registry
 
 
 @dataclass
@@ -127,7 +129,42 @@ def _round_kept(kept: int, channels: int, n: int | None, least: int) -> int:
     return min(rounded, channels)
 
 
-PLAN_MODES = ("percent", "threshold", "zeros", "none", "latency")
+# A plan mode marks, from the per-group scores and ``amount``, the channels each group loses; it returns
+# those masks and the score cut (None where no single score separates kept from removed).
+Removal = Callable[[list[torch.Tensor], float], tuple[list[torch.Tensor], float | None]]
+PLAN_MODES: Registry[Removal] = Registry("plan mode")
+
+
+@PLAN_MODES.register("percent", description="the amount share of all prunable channels, lowest scores first")
+def _remove_percent(scores: list[torch.Tensor], amount: float):
+    if not 0 <= amount < 1:
+        raise ValueError(f"amount must be a share in [0, 1) for how='percent', got {amount}")
+    flat = torch.cat(scores)
+    n_remove = int(amount * len(flat))
+    order = torch.argsort(flat, stable=True)
+    removed = torch.zeros(len(flat), dtype=torch.bool)
+    removed[order[:n_remove]] = True
+    cut = float(flat[order[n_remove]]) if n_remove < len(flat) else None
+    return list(removed.split([len(s) for s in scores])), cut
+
+
+@PLAN_MODES.register("threshold", description="channels scoring below amount")
+def _remove_below(scores: list[torch.Tensor], amount: float):
+    return [s < amount for s in scores], float(amount)
+
+
+@PLAN_MODES.register("zeros", description="channels scoring exactly 0 (proximal NS)")
+def _remove_zeros(scores: list[torch.Tensor], amount: float):
+    return [s == 0 for s in scores], 0.0
+
+
+def _remove_nothing(scores: list[torch.Tensor], amount: float):
+    return [torch.zeros(len(s), dtype=torch.bool) for s in scores], None
+
+
+PLAN_MODES.register("none", description="no channel")(_remove_nothing)
+# latency's widths come from a measured budget (slimdeploy.latency) through make_plan's kept_widths
+PLAN_MODES.register("latency", description="widths chosen for a measured latency budget")(_remove_nothing)
 
 
 def make_plan(
@@ -154,32 +191,13 @@ def make_plan(
     ``round_to`` (N, ``"auto"`` for the SIMD block, or None) aligns kept widths.
     ``model_name``/``model_kwargs`` record how to build the unpruned model, for rebuilding.
     """
-    if how not in PLAN_MODES:
-        raise ValueError(f"unknown plan mode {how!r}; allowed: {', '.join(PLAN_MODES)}")
-    if how == "percent" and not 0 <= amount < 1:
-        raise ValueError(f"amount must be a share in [0, 1) for how='percent', got {amount}")
+    remove_channels = PLAN_MODES.get(how)
     if how == "latency" and set(kept_widths or ()) != {g.root for g in groups}:
         raise ValueError("how='latency' needs kept_widths: one kept width per group root")
     if score_reduce not in _REDUCE:
         raise ValueError(f"unknown score_reduce {score_reduce!r}; allowed: {', '.join(_REDUCE)}")
     scores = [group_scores(g, bn_scores, score_reduce) for g in groups]
-    flat = torch.cat(scores)
-    cut = None
-    if how == "percent":
-        n_remove = int(amount * len(flat))
-        order = torch.argsort(flat, stable=True)
-        removed = torch.zeros(len(flat), dtype=torch.bool)
-        removed[order[:n_remove]] = True
-        cut = float(flat[order[n_remove]]) if n_remove < len(flat) else None
-        masks = list(removed.split([len(s) for s in scores]))
-    elif how == "threshold":
-        cut = float(amount)
-        masks = [s < cut for s in scores]
-    elif how == "zeros":
-        cut = 0.0
-        masks = [s == 0 for s in scores]
-    else:  # none, latency
-        masks = [torch.zeros(len(s), dtype=torch.bool) for s in scores]
+    masks, cut = remove_channels(scores, amount)
 
     round_to = simd_block() if round_to == "auto" else round_to
     plans = []

@@ -13,8 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from slimdeploy import penalties
+from slimdeploy import penalties, plan, sparsity
 from slimdeploy.errors import InputError
+from slimdeploy.registry import Registry
 
 
 class RecipeError(InputError):
@@ -23,6 +24,13 @@ class RecipeError(InputError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _registered(registry: Registry, name: str) -> str:
+    """``name`` if ``registry`` holds it when the recipe is validated (so a choice registered later is
+    accepted too); otherwise the registry's ValueError listing the allowed names."""
+    registry.get(name)
+    return name
 
 
 class ModelCfg(_Section):
@@ -38,13 +46,9 @@ class ModelCfg(_Section):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        from slimdeploy.imports import is_import_path
-        from slimdeploy.models import is_known_model
+        from slimdeploy.models.registry import check_model_name
 
-        if not (is_known_model(name) or is_import_path(name)):
-            from slimdeploy.models.registry import MODEL_CHOICES
-
-            raise ValueError(f"unknown model {name!r}; allowed: {MODEL_CHOICES}")
+        check_model_name(name)
         return name
 
     @model_validator(mode="after")
@@ -102,10 +106,11 @@ class DataCfg(_Section):
     @field_validator("name")
     @classmethod
     def _known_data(cls, name: str) -> str:
+        from slimdeploy.data import DATASETS
         from slimdeploy.imports import is_import_path
 
-        if name not in ("imagefolder", *IN_MEMORY_DATA) and not is_import_path(name):
-            raise ValueError(f"unknown data set {name!r}; allowed: cifar10, cifar100, synthetic, imagefolder, "
+        if name not in DATASETS and not is_import_path(name):
+            raise ValueError(f"unknown data set {name!r}; allowed: {', '.join(DATASETS.names())}, "
                              f"package.module:factory, path/to/file.py:factory")
         return name
 
@@ -164,7 +169,7 @@ class OptimCfg(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     nesterov: bool = False
-    schedule: Literal["multistep", "cosine", "onecycle", "constant"] = "multistep"
+    schedule: str = Field("multistep", description="a name in slimdeploy.train.SCHEDULES (multistep, cosine, ...)")
     milestones: list[float] = Field([0.5, 0.75], description="fractions of the epochs (multistep)")
     gamma: float = Field(0.1, gt=0, le=1, description="lr factor at each milestone (multistep)")
     amp: bool = Field(False, description="superseded by precision; true: fp16 on CUDA, as precision auto does")
@@ -175,6 +180,13 @@ class OptimCfg(_Section):
         "AVX-512 BF16 or AMX, fp16 on CUDA, fp32 otherwise",
     )
     checkpoint_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: at epoch ends only)")
+
+    @field_validator("schedule")
+    @classmethod
+    def _known_schedule(cls, name: str) -> str:
+        from slimdeploy.train import SCHEDULES
+
+        return _registered(SCHEDULES, name)
 
     @field_validator("milestones")
     @classmethod
@@ -204,14 +216,24 @@ class FinetuneCfg(OptimCfg):
 
 
 class SparsityCfg(_Section):
-    method: Literal["none", "subgradient", "proximal", "prox_sgd"] = "subgradient"
-    penalty: Literal["l1", "lp", "tl1", "mcp", "scad"] = "l1"
+    method: str = Field("subgradient", description="a name in slimdeploy.sparsity.SPARSIFIERS (none, proximal, ...)")
+    penalty: str = Field("l1", description="a name in slimdeploy.penalties.PENALTIES (l1, lp, ...)")
     lam: float = Field(1e-5, ge=0, description="penalty strength λ")
     p: float = Field(0.5, gt=0, lt=1, description="Lp exponent")
     a: float | None = Field(None, description="TL1 a > 0, MCP a > 1, SCAD a > 2; null: the penalty's default")
     beta: float = Field(100.0, gt=0, allow_inf_nan=False, description="proximal NS coupling β")
     include: list[str] = Field([], description="fnmatch patterns of BN module names to regularise (empty: all)")
     exclude: list[str] = Field([], description="fnmatch patterns of BN module names to leave alone")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        return _registered(sparsity.SPARSIFIERS, name)
+
+    @field_validator("penalty")
+    @classmethod
+    def _known_penalty(cls, name: str) -> str:
+        return _registered(penalties.PENALTIES, name)
 
     @field_validator("lam", "p", "a")
     @classmethod
@@ -238,9 +260,10 @@ class SparsityCfg(_Section):
 
 
 class PruneCfg(_Section):
-    how: Literal["percent", "threshold", "zeros", "none", "latency"] = Field(
-        "percent", description="latency: keep the most channel score within a latency budget measured in "
-        "onnxruntime at the first bench.settings entry (target_speedup or target_ms)")
+    how: str = Field(
+        "percent", description="a name in slimdeploy.plan.PLAN_MODES; latency: keep the most channel score "
+        "within a latency budget measured in onnxruntime at the first bench.settings entry (target_speedup or "
+        "target_ms)")
     target_speedup: float | None = Field(None, gt=1, description="how: latency: measured speedup over the dense "
                                          "model to reach, within ±5 %")
     target_ms: float | None = Field(None, gt=0, validate_default=True,
@@ -265,6 +288,11 @@ class PruneCfg(_Section):
         if self.how == "latency":
             kwargs.update(target_speedup=self.target_speedup, target_ms=self.target_ms)
         return kwargs
+
+    @field_validator("how")
+    @classmethod
+    def _known_mode(cls, name: str) -> str:
+        return _registered(plan.PLAN_MODES, name)
 
     @field_validator("target_speedup")
     @classmethod
@@ -363,8 +391,9 @@ def _format_error(err: ValidationError, source: str) -> str:
     elif first["type"] == "missing":
         msg = "required"
     extra = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    # validators' own messages already end in ", got VALUE"
-    shows_input = first["type"] not in ("extra_forbidden", "missing") and ", got " not in msg
+    # validators' own messages already end in ", got VALUE" or name it ("unknown penalty 'x'")
+    shows_input = (first["type"] not in ("extra_forbidden", "missing") and ", got " not in msg
+                   and repr(first["input"]) not in msg)
     got = f" (got {first['input']!r})" if shows_input else ""
     return f"{source}: {key}: {msg}{got}{extra}"
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from slimdeploy.export import ExportError, ExportMismatchError, eval_mode, first_line
 from slimdeploy.ortbench import LatencyStats, OrtPredictor, SessionConfig, latency_stats
+from slimdeploy.registry import Registry
 
 # Least tolerance (relative to max |logit|) per inference precision. A float32 runtime gets the export
 # tolerance, as onnxruntime does; bf16 keeps 8 significant bits (relative rounding 2^-8 ≈ 4e-3 per
@@ -192,21 +193,22 @@ class ExecuTorch:
         return dict(self._description)
 
 
-RUNTIMES = {runtime.name: runtime for runtime in (OnnxRuntime, OpenVino, ExecuTorch)}
+RUNTIMES: Registry[type] = Registry("runtime")
+for _runtime in (OnnxRuntime, OpenVino, ExecuTorch):
+    RUNTIMES.register(_runtime.name)(_runtime)  # described by its docstring
 
 
 def prepare(name: str, model: nn.Module, onnx_path, input_shape: tuple[int, ...], max_batch: int) -> Path:
     """The file runtime ``name`` loads for ``model``, whose ONNX export is ``onnx_path``: that file for
     onnxruntime and OpenVINO, a fresh .pte beside it for ExecuTorch, taking batches up to ``max_batch``."""
-    return RUNTIMES[name].prepare(model, onnx_path, input_shape, max_batch)
+    return RUNTIMES.get(name).prepare(model, onnx_path, input_shape, max_batch)
 
 
 def check_runtime(name: str) -> str:
     """``name`` if it is a known, installed runtime; otherwise ValueError saying what is allowed."""
-    if name not in RUNTIMES:
-        raise ValueError(f"unknown runtime {name!r}; allowed: {', '.join(RUNTIMES)}")
-    if not RUNTIMES[name].available():
-        raise ValueError(f"{name} is not installed; {RUNTIMES[name].install_hint}")
+    runtime = RUNTIMES.get(name)
+    if not runtime.available():
+        raise ValueError(f"{name} is not installed; {runtime.install_hint}")
     return name
 
 

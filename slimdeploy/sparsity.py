@@ -22,6 +22,9 @@ from torch import nn
 from slimdeploy import penalties
 from slimdeploy.bn import BN_TYPES, affine_bns  # noqa: F401  (BN_TYPES re-exported)
 from slimdeploy.penalties import Penalty
+from slimdeploy.registry import Registry
+
+SPARSIFIERS: Registry[type["Sparsifier"]] = Registry("sparsity method")
 
 
 def select_bns(model: nn.Module, include: list[str] = (), exclude: list[str] = ()) -> dict[str, nn.Module]:
@@ -36,6 +39,7 @@ def select_bns(model: nn.Module, include: list[str] = (), exclude: list[str] = (
     return chosen
 
 
+@SPARSIFIERS.register("none", description="no penalty: plain training")
 class Sparsifier:
     """No penalty. Subclasses act around the optimizer step; all keep their state in ``state_dict``.
 
@@ -45,6 +49,7 @@ class Sparsifier:
     """
 
     method = "none"
+    uses_penalty = False
 
     def __init__(self, model: nn.Module, penalty: Penalty | None = None, include=(), exclude=()):
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -54,6 +59,12 @@ class Sparsifier:
         self.gammas = [bn.weight for bn in self.bns.values()]
         self.sizes = [g.numel() for g in self.gammas]
         self._optimizer, self._gamma_groups, self._hooks = None, [], []
+
+    @classmethod
+    def from_options(cls, model: nn.Module, penalty: Penalty | None, *, beta: float, include=(),
+                     exclude=()) -> "Sparsifier":
+        """Built by :func:`make_sparsifier`, whose options a sparsifier with options of its own reads here."""
+        return cls(model, penalty, include, exclude)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "Sparsifier":
         """Run :meth:`before_step` and :meth:`after_step` around every ``optimizer.step()``."""
@@ -111,8 +122,10 @@ class Sparsifier:
             raise ValueError(f"sparsifier state is for {state.get('method')!r}, not {self.method!r}")
 
 
+@SPARSIFIERS.register("subgradient", description="∂p_λ(γ) added to the γ gradients (network slimming)")
 class SubgradientSparsifier(Sparsifier):
     method = "subgradient"
+    uses_penalty = True
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -127,16 +140,22 @@ class SubgradientSparsifier(Sparsifier):
         torch._foreach_add_(grads, list(step.split(self.sizes)))
 
 
+@SPARSIFIERS.register("proximal", description="proximal NS: γ/ξ splitting, ξ holds exact zeros")
 class ProximalSparsifier(Sparsifier):
     """Proximal NS: γ/ξ splitting, ξ updated by the penalty's prox and holding exact zeros."""
 
     method = "proximal"
+    uses_penalty = True
 
     def __init__(self, model, penalty, beta: float, include=(), exclude=()):
         super().__init__(model, penalty, include, exclude)
         self.beta = float(beta)
         # ξ starts at γ, so the coupling term starts at zero.
         self.xi = [g.detach().clone() for g in self.gammas]
+
+    @classmethod
+    def from_options(cls, model, penalty, *, beta, include=(), exclude=()) -> "ProximalSparsifier":
+        return cls(model, penalty, beta, include, exclude)
 
     @torch.no_grad()
     def after_step(self, lr: float) -> None:
@@ -184,8 +203,10 @@ class ProximalSparsifier(Sparsifier):
             x.copy_(state["xi"][name].to(x.device))
 
 
+@SPARSIFIERS.register("prox_sgd", description="proximal gradient on γ itself")
 class ProxSGDSparsifier(Sparsifier):
     method = "prox_sgd"
+    uses_penalty = True
 
     @torch.no_grad()
     def after_step(self, lr: float) -> None:
@@ -193,11 +214,6 @@ class ProxSGDSparsifier(Sparsifier):
             return
         new = self.penalty.prox(self.flat_gamma(), lr)
         torch._foreach_copy_(self.gammas, [x.view_as(g) for x, g in zip(new.split(self.sizes), self.gammas)])
-
-
-SPARSIFIERS: dict[str, type[Sparsifier]] = {
-    cls.method: cls for cls in (Sparsifier, SubgradientSparsifier, ProximalSparsifier, ProxSGDSparsifier)
-}
 
 
 def make_sparsifier(
@@ -212,17 +228,14 @@ def make_sparsifier(
     include=(),
     exclude=(),
 ) -> Sparsifier:
-    """The sparsifier ``method`` (one of :data:`SPARSIFIERS`) with a penalty on the selected BN γ.
+    """The sparsifier ``method`` (one of ``SPARSIFIERS.names()``) with a penalty on the selected BN γ.
 
     ``penalty`` is a :class:`Penalty` or a name for :func:`slimdeploy.penalties.get` with ``lam``, ``p``
     (lp) and ``a`` (tl1, mcp, scad; None: the penalty's default). ``beta`` is proximal NS's coupling.
     """
-    if method not in SPARSIFIERS:
-        raise ValueError(f"unknown sparsity method {method!r}; allowed: {', '.join(SPARSIFIERS)}")
-    if method == "none":
-        return Sparsifier(model, None, include, exclude)
-    if not isinstance(penalty, Penalty):
+    cls = SPARSIFIERS.get(method)
+    if not cls.uses_penalty:
+        penalty = None
+    elif not isinstance(penalty, Penalty):
         penalty = penalties.get(penalty, lam, p=p, a=a)
-    if method == "proximal":
-        return ProximalSparsifier(model, penalty, beta, include, exclude)
-    return SPARSIFIERS[method](model, penalty, include, exclude)
+    return cls.from_options(model, penalty, beta=beta, include=include, exclude=exclude)

@@ -13,6 +13,7 @@ import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from slimdeploy.bn import BN_TYPES
 from slimdeploy.data import Dataset, Normalize, Split, steps_per_epoch, train_batches
 from slimdeploy.errors import SlimdeployError
 from slimdeploy.outputs import main_logits
+from slimdeploy.registry import Registry
 from slimdeploy.sparsity import Sparsifier
 
 
@@ -49,18 +51,36 @@ class TrainResult:
     precision: str = "fp32"  # what the training steps ran in (see resolve_precision)
 
 
-def lr_factor(cfg, progress: float) -> float:
-    """Learning-rate multiplier at ``progress`` ∈ [0, 1) of the run."""
-    if cfg.schedule == "multistep":
-        return cfg.gamma ** sum(progress >= m for m in cfg.milestones)
-    if cfg.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.schedule == "onecycle":  # linear warm-up over 15 %, then cosine to zero
-        warm = 0.15
-        if progress < warm:
-            return 0.1 + 0.9 * progress / warm
-        return 0.5 * (1 + math.cos(math.pi * (progress - warm) / (1 - warm)))
+# A schedule maps (the optimizer section, progress ∈ [0, 1) of the run) to the learning-rate multiplier.
+SCHEDULES: Registry[Callable[[Any, float], float]] = Registry("schedule")
+
+
+@SCHEDULES.register("multistep", description="× gamma at each of milestones")
+def _multistep(cfg, progress: float) -> float:
+    return cfg.gamma ** sum(progress >= m for m in cfg.milestones)
+
+
+@SCHEDULES.register("cosine", description="cosine from lr to zero")
+def _cosine(cfg, progress: float) -> float:
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@SCHEDULES.register("onecycle", description="linear warm-up from lr/10 over 15 %, then cosine to zero")
+def _onecycle(cfg, progress: float) -> float:
+    warm = 0.15
+    if progress < warm:
+        return 0.1 + 0.9 * progress / warm
+    return 0.5 * (1 + math.cos(math.pi * (progress - warm) / (1 - warm)))
+
+
+@SCHEDULES.register("constant", description="lr throughout")
+def _constant(cfg, progress: float) -> float:
     return 1.0
+
+
+def lr_factor(cfg, progress: float) -> float:
+    """Learning-rate multiplier at ``progress`` ∈ [0, 1) of the run, by ``cfg.schedule``."""
+    return SCHEDULES.get(cfg.schedule)(cfg, progress)
 
 
 def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:

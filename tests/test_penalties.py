@@ -11,7 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slimdeploy import penalties
-from slimdeploy.penalties import PENALTY_NAMES, get
+from slimdeploy.penalties import PENALTIES, get
+
+PENALTY_NAMES = PENALTIES.names()
 
 DEFAULTS = {"lp": {"p": 0.5}, "tl1": {"a": 1.0}, "mcp": {"a": 3.0}, "scad": {"a": 3.7}, "l1": {}}
 HYP = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -2,7 +2,13 @@
 
 import pytest
 
+from slimdeploy.data import DATASETS
+from slimdeploy.models.registry import MODELS
+from slimdeploy.penalties import PENALTIES
+from slimdeploy.plan import PLAN_MODES
 from slimdeploy.recipe import RecipeError, build_recipe, load_recipe
+from slimdeploy.sparsity import SPARSIFIERS
+from slimdeploy.train import SCHEDULES
 
 from helpers import ROOT, run_cli
 
@@ -122,3 +128,33 @@ def test_paper_recipes_start():
         sparsifier.after_step(r.train.lr)
         optimizer.zero_grad()
         assert all(torch.isfinite(p).all() for p in model.parameters()), path.name
+
+
+# every recipe key whose value is a registered name
+RECIPE_CHOICES = [
+    ("sparsity.method", SPARSIFIERS),
+    ("sparsity.penalty", PENALTIES),
+    ("prune.how", PLAN_MODES),
+    ("train.schedule", SCHEDULES),
+    ("finetune.schedule", SCHEDULES),
+    ("data.name", DATASETS),
+    ("model.name", MODELS),
+]
+
+
+@pytest.mark.parametrize("key, registry", RECIPE_CHOICES, ids=[key for key, _ in RECIPE_CHOICES])
+def test_recipe_accepts_every_registered_name(key, registry):
+    for name in registry.names():
+        overrides = [f"{key}={name}", "prune.target_speedup=2"] if name == "latency" else [f"{key}={name}"]
+        recipe = build_recipe({}, overrides)
+        section, field = key.split(".")
+        assert getattr(getattr(recipe, section), field) == name
+
+
+@pytest.mark.parametrize("key, registry", RECIPE_CHOICES, ids=[key for key, _ in RECIPE_CHOICES])
+def test_recipe_refuses_other_names_listing_the_registered_ones(key, registry):
+    with pytest.raises(RecipeError) as err:
+        build_recipe({}, [f"{key}=no_such_choice"])
+    message = str(err.value)
+    assert f"{key}: unknown " in message and "'no_such_choice'" in message
+    assert f"allowed: {', '.join(registry.names())}" in message and "\n" not in message

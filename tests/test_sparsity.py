@@ -11,10 +11,12 @@ from slimdeploy.graph import build_graph, channel_groups
 from slimdeploy.models import build_model
 from slimdeploy.plan import make_plan
 from slimdeploy.prune import apply_plan
-from slimdeploy.recipe import FinetuneCfg
+from slimdeploy.recipe import FinetuneCfg, build_recipe
 from slimdeploy.sparsity import (
+    SPARSIFIERS,
     ProximalSparsifier,
     ProxSGDSparsifier,
+    Sparsifier,
     SubgradientSparsifier,
     make_sparsifier,
     select_bns,
@@ -116,3 +118,41 @@ def test_proximal_ns_reaches_exact_zeros_and_pruning_them_keeps_accuracy():
     acc_pruned = evaluate(pruned, data.test, norm, 256)
     assert res.accuracy > 60
     assert abs(acc_pruned - res.accuracy) <= 1.0, (res.accuracy, acc_pruned)
+
+
+class ScaledSubgradient(Sparsifier):
+    """A sparsifier with an option of its own, read from make_sparsifier's options."""
+
+    method = "scaled"
+    uses_penalty = True
+
+    def __init__(self, model, penalty, scale, include=(), exclude=()):
+        super().__init__(model, penalty, include, exclude)
+        self.scale = scale
+
+    @classmethod
+    def from_options(cls, model, penalty, *, beta, include=(), exclude=()):
+        return cls(model, penalty, beta * 2, include, exclude)
+
+
+def test_a_registered_sparsifier_is_built_by_its_own_from_options():
+    SPARSIFIERS.register("scaled")(ScaledSubgradient)
+    try:
+        recipe = build_recipe({}, ["sparsity.method=scaled", "sparsity.beta=3"])
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        sparsifier = make_sparsifier(model, **recipe.sparsity.model_dump())
+    finally:
+        SPARSIFIERS.unregister("scaled")
+    assert isinstance(sparsifier, ScaledSubgradient) and sparsifier.scale == 6.0
+    assert isinstance(sparsifier.penalty, penalties.L1Penalty)
+
+
+
+@pytest.mark.parametrize("name", SPARSIFIERS.names())
+def test_every_sparsifier_is_built_as_registered(name):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    sparsifier = make_sparsifier(model, name, "tl1", 0.1, beta=5.0)
+    assert type(sparsifier) is SPARSIFIERS.get(name) and sparsifier.method == name
+    assert (sparsifier.penalty is not None) == sparsifier.uses_penalty == (name != "none")
+    make_sparsifier(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), name).load_state_dict(
+        sparsifier.state_dict())

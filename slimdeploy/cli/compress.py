@@ -19,9 +19,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from slimdeploy.pipeline import EXPORTS
+
     ap = _Parser(description="Sparse training, graph pruning, ONNX export and benchmark of a CNN.")
     ap.add_argument("recipe", help="recipe YAML file (see recipes/)")
-    ap.add_argument("--export", choices=["onnx", "onnx-int8"], help="export dense and pruned models")
+    ap.add_argument("--export", choices=EXPORTS.names(), help="export dense and pruned models: " + "; ".join(
+        f"{name}: {description}" for name, description in EXPORTS.describe().items()))
     ap.add_argument("--out", help="run directory (default: runs/<recipe file stem>)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe key, e.g. --set train.epochs=2 (repeatable)")

@@ -21,27 +21,25 @@ from torch import nn
 from slimdeploy.bn import affine_bns, is_affine_bn
 from slimdeploy.errors import ModelError
 from slimdeploy.imports import is_import_path, resolve
+from slimdeploy.registry import Registry
 
 from . import cifar_densenet, cifar_resnet, cifar_vgg
 
 TORCHVISION_PREFIX = "torchvision:"
 
-_BUILTINS: dict[str, Callable[..., nn.Module]] = {
-    "vgg11": cifar_vgg.vgg11,
-    "vgg13": cifar_vgg.vgg13,
-    "vgg16": cifar_vgg.vgg16,
-    "vgg19": cifar_vgg.vgg19,
-    "resnet20": cifar_resnet.resnet20,
-    "resnet56": cifar_resnet.resnet56,
-    "resnet110": cifar_resnet.resnet110,
-    "resnet164": cifar_resnet.resnet164,
-    "densenet40": cifar_densenet.densenet40,
-}
+# The built-in CIFAR models; torchvision:<builder> and factories' import paths are resolved beside them.
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+for _builder in (cifar_vgg.vgg11, cifar_vgg.vgg13, cifar_vgg.vgg16, cifar_vgg.vgg19, cifar_resnet.resnet20,
+                 cifar_resnet.resnet56, cifar_resnet.resnet110, cifar_resnet.resnet164, cifar_densenet.densenet40):
+    MODELS.register(_builder.__name__)(_builder)
 
-MODEL_NAMES: tuple[str, ...] = tuple(_BUILTINS)
+MODEL_NAMES: tuple[str, ...] = MODELS.names()
 
-MODEL_CHOICES = (", ".join(MODEL_NAMES) + ", " + TORCHVISION_PREFIX + "<builder>, package.module:factory, "
-                 "path/to/file.py:factory")
+
+def model_choices() -> str:
+    """What ``model.name`` may be, for error messages."""
+    resolved = f"{TORCHVISION_PREFIX}<builder>, package.module:factory, path/to/file.py:factory"
+    return f"{', '.join(MODELS.names())}, {resolved}"
 
 
 def torchvision_builders() -> tuple[str, ...]:
@@ -53,19 +51,18 @@ def torchvision_builders() -> tuple[str, ...]:
 
 def is_known_model(name: str) -> bool:
     """True if ``name`` is a built-in model or ``torchvision:<existing builder>``."""
-    if not isinstance(name, str):
+    try:
+        check_model_name(name)
+    except ModelError:
         return False
-    if name in _BUILTINS:
-        return True
-    if name.startswith(TORCHVISION_PREFIX):
-        return name[len(TORCHVISION_PREFIX):] in torchvision_builders()
-    return False
+    return not is_import_path(name)
 
 
-def _check_name(name: str) -> None:
+def check_model_name(name: str) -> None:
+    """ModelError unless ``name`` is a built-in model, ``torchvision:<existing builder>`` or an import path."""
     if not isinstance(name, str):
-        raise ModelError(f"unknown model {name!r}; allowed: {MODEL_CHOICES}")
-    if name in _BUILTINS:
+        raise ModelError(f"unknown model {name!r}; allowed: {model_choices()}")
+    if name in MODELS or is_import_path(name):
         return
     if name.startswith(TORCHVISION_PREFIX):
         builder = name[len(TORCHVISION_PREFIX):]
@@ -76,7 +73,7 @@ def _check_name(name: str) -> None:
                 f"allowed builders: {', '.join(builders)}"
             )
         return
-    raise ModelError(f"unknown model {name!r}; allowed: {MODEL_CHOICES}")
+    raise ModelError(f"unknown model {name!r}; allowed: {model_choices()}")
 
 
 def init_weights(model: nn.Module) -> None:
@@ -271,12 +268,12 @@ def build_model(
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
     num_classes, in_channels = int(num_classes), int(in_channels)
     pretrained = None
+    check_model_name(name)
     if is_import_path(name):
         model = _from_factory(name, kwargs)
     else:
-        _check_name(name)
-        if name in _BUILTINS:
-            model = _BUILTINS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+        if name in MODELS:
+            model = MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, **kwargs)
             init_weights(model)
         else:
             import torchvision
