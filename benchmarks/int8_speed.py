@@ -11,18 +11,15 @@ Prints each model's p50 and its speedup over FP32 measured in the same run.
 """
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from slimdeploy import ortbench  # noqa: E402
-from slimdeploy.export import cpu_has_vnni, export_onnx, int8_types, quantize_int8  # noqa: E402
-from slimdeploy.models import build_model  # noqa: E402
+from slimdeploy import ortbench
+from slimdeploy.export import cpu_has_vnni, export_onnx, int8_types, quantize_int8
+from slimdeploy.models import build_model
 
 SHAPE = (3, 32, 32)
 SETTINGS = ((1, 1), (64, 2))  # (batch, threads)

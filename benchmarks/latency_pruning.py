@@ -18,14 +18,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import slimdeploy as sd  # noqa: E402
-from slimdeploy import ortbench  # noqa: E402
-from slimdeploy.bench import count_macs  # noqa: E402
-from slimdeploy.export import export_onnx  # noqa: E402
-from slimdeploy.models import build_model  # noqa: E402
-from prune_latency import dense_model  # noqa: E402  (this folder is on sys.path when run as a script)
+import slimdeploy as sd
+from slimdeploy import ortbench
+from slimdeploy.bench import count_macs
+from slimdeploy.export import export_onnx
+from slimdeploy.models import build_model
+from prune_latency import dense_model  # this folder is on sys.path when run as a script
 
 SHAPE = (3, 32, 32)
 

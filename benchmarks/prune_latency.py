@@ -18,23 +18,20 @@ import argparse
 import collections
 import copy
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from slimdeploy import ortbench  # noqa: E402
-from slimdeploy.bench import count_macs  # noqa: E402
-from slimdeploy.export import export_onnx  # noqa: E402
-from slimdeploy.graph import build_graph, channel_groups  # noqa: E402
-from slimdeploy.models import build_model  # noqa: E402
-from slimdeploy.plan import make_plan, simd_block  # noqa: E402
-from slimdeploy.prune import apply_plan  # noqa: E402
-from slimdeploy.sparsity import BN_TYPES  # noqa: E402
+from slimdeploy import ortbench
+from slimdeploy.bench import count_macs
+from slimdeploy.export import export_onnx
+from slimdeploy.graph import build_graph, channel_groups
+from slimdeploy.models import build_model
+from slimdeploy.plan import make_plan, simd_block
+from slimdeploy.prune import apply_plan
+from slimdeploy.bn import BN_TYPES
 
 SHAPE = (3, 32, 32)
 

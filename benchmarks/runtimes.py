@@ -10,17 +10,14 @@ and batch 64 / 2 threads. Prints each runtime's p50 and its ratio to onnxruntime
 """
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from slimdeploy import ortbench, runtimes  # noqa: E402
-from slimdeploy.export import export_onnx  # noqa: E402
-from slimdeploy.models import build_model  # noqa: E402
+from slimdeploy import ortbench, runtimes
+from slimdeploy.export import export_onnx
+from slimdeploy.models import build_model
 
 SHAPE = (3, 32, 32)
 SETTINGS = ((1, 1), (64, 2))  # (batch, threads)

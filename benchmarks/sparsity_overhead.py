@@ -11,17 +11,13 @@ free of the step-to-step noise of a whole training step).
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from slimdeploy.models import build_model  # noqa: E402
-from slimdeploy.sparsity import make_sparsifier  # noqa: E402
+from slimdeploy.models import build_model
+from slimdeploy.sparsity import make_sparsifier
 
 VARIANTS = {
     "none": dict(method="none"),

@@ -14,20 +14,16 @@ the trainer's ratio to the fastest bare loop.
 import argparse
 import dataclasses
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from slimdeploy.data import Normalize, Split, make_synthetic  # noqa: E402
-from slimdeploy.models import build_model  # noqa: E402
-from slimdeploy.recipe import TrainCfg  # noqa: E402
-from slimdeploy.sparsity import make_sparsifier  # noqa: E402
-from slimdeploy.train import LoopSettings, autocast, resolve_precision, train, use_channels_last  # noqa: E402
+from slimdeploy.data import Normalize, Split, make_synthetic
+from slimdeploy.models import build_model
+from slimdeploy.recipe import TrainCfg
+from slimdeploy.sparsity import make_sparsifier
+from slimdeploy.train import LoopSettings, autocast, resolve_precision, train, use_channels_last
 
 BARE_LOOPS = {"fp32": ("fp32", False), "fp32 channels_last": ("fp32", True), "bf16 channels_last": ("bf16", True)}
 

@@ -74,14 +74,18 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _train_stage(model, data, opt_cfg, recipe, sparsifier, normalize, ckpt, resume, progress, desc, procs, device,
-                 fingerprint):
+def _train_stage(ctx: RunContext, model: nn.Module, sparsifier: Sparsifier, stage: str, fingerprint: str) -> TrainResult:
+    """Train ``model`` by the recipe section of ``stage`` ("sparse": train, "finetune": finetune), resumable
+    from the stage's checkpoint when ``fingerprint`` matches the one it was written with."""
+    recipe, procs = ctx.recipe, ctx.procs
+    cfg, checkpoint = ((recipe.train, ctx.run_dir.sparse_checkpoint) if stage == "sparse"
+                       else (recipe.finetune, ctx.run_dir.finetune_checkpoint))
     loop = LoopSettings(batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size,
                         augment=recipe.data.augment, seed=recipe.seed, rank=procs.rank, world=procs.world,
-                        fingerprint=fingerprint, device=device)
+                        fingerprint=fingerprint, device=ctx.device)
     return train(
-        distributed.wrap(model, procs, device), data, opt_cfg, loop, normalize=normalize, sparsifier=sparsifier,
-        checkpoint=ckpt, resume=resume, progress=progress, desc=desc,
+        distributed.wrap(model, procs, ctx.device), ctx.data, cfg, loop, normalize=ctx.normalize,
+        sparsifier=sparsifier, checkpoint=checkpoint, resume=ctx.resume, progress=ctx.progress, desc=stage,
     )
 
 
@@ -134,9 +138,7 @@ def sparse_train_stage(ctx: RunContext, model: nn.Module, sparsifier: Sparsifier
     ctx.logger.info(f"sparse training: {recipe.model.name}, {recipe.sparsity.method}/{recipe.sparsity.penalty}, "
                     f"{recipe.train.epochs} epochs on {len(ctx.data.train)} {ctx.data.name} images")
     fingerprint = _fingerprint(_recipe_fields(recipe, "prune", "finetune", "export", "bench"))
-    trained = _train_stage(model, ctx.data, recipe.train, recipe, sparsifier, ctx.normalize,
-                           ctx.run_dir.sparse_checkpoint, ctx.resume, ctx.progress, "sparse", ctx.procs, ctx.device,
-                           fingerprint)
+    trained = _train_stage(ctx, model, sparsifier, "sparse", fingerprint)
     ctx.run_dir.save_weights("dense", model)
     return trained
 
@@ -211,9 +213,7 @@ def finetune_stage(ctx: RunContext, pruning: PruneResult) -> TrainResult | None:
     finetuned = None
     if recipe.finetune.epochs > 0:
         fingerprint = _fingerprint(_recipe_fields(recipe, "export", "bench"), asdict(pruning.plan))
-        finetuned = _train_stage(model, ctx.data, recipe.finetune, recipe, Sparsifier(model), ctx.normalize,
-                                 ctx.run_dir.finetune_checkpoint, ctx.resume, ctx.progress, "finetune", ctx.procs,
-                                 ctx.device, fingerprint)
+        finetuned = _train_stage(ctx, model, Sparsifier(model), "finetune", fingerprint)
     ctx.run_dir.save_weights("pruned", model)
     return finetuned
 
