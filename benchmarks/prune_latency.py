@@ -26,12 +26,12 @@ import torch
 
 from slimdeploy import ortbench
 from slimdeploy.bench import count_macs
+from slimdeploy.bn import affine_bns
 from slimdeploy.export import export_onnx
 from slimdeploy.graph import build_graph, channel_groups
 from slimdeploy.models import build_model
 from slimdeploy.plan import make_plan, simd_block
 from slimdeploy.prune import apply_plan
-from slimdeploy.bn import BN_TYPES
 
 SHAPE = (3, 32, 32)
 
@@ -42,16 +42,15 @@ def dense_model(name, run):
     if run:
         model.load_state_dict(torch.load(Path(run) / "dense.pt", weights_only=True, map_location="cpu"))
     else:  # γ spread over magnitudes, as after sparse training
-        for m in model.modules():
-            if isinstance(m, BN_TYPES):
-                m.weight.data = torch.rand(m.num_features) ** 4
+        for m in affine_bns(model).values():
+            m.weight.data = torch.rand(m.num_features) ** 4
     return model.eval()
 
 
 def pruned_model(dense, name, percent, round_to, score_reduce="max"):
     model = copy.deepcopy(dense)
     groups = channel_groups(model, build_graph(model, torch.randn(1, *SHAPE)))
-    scores = {n: m.weight.detach().abs() for n, m in model.named_modules() if isinstance(m, BN_TYPES)}
+    scores = {n: m.weight.detach().abs() for n, m in affine_bns(model).items()}
     plan = make_plan(groups, scores, how="percent", amount=percent, round_to=round_to, score_reduce=score_reduce,
                      model_name=name, num_classes=10, input_shape=SHAPE)
     return apply_plan(model, plan)

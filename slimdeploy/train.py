@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from slimdeploy.accuracy import top1
-from slimdeploy.bn import BN_TYPES
+from slimdeploy.bn import affine_bns
 from slimdeploy.data import Dataset, Normalize, Split, steps_per_epoch, train_batches
 from slimdeploy.errors import SlimdeployError
 from slimdeploy.outputs import main_logits
@@ -91,7 +91,7 @@ def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     """
     # fine-tuning's cfg has neither key: no penalty acts there
     bn_lr_scale, bn_weight_decay = getattr(cfg, "bn_lr_scale", 1.0), getattr(cfg, "bn_weight_decay", None)
-    bn_ids = {id(p) for m in model.modules() if isinstance(m, BN_TYPES) for p in m.parameters(recurse=False)}
+    bn_ids = {id(p) for m in affine_bns(model).values() for p in m.parameters(recurse=False)}
     groups = [
         {"params": [p for p in model.parameters() if id(p) not in bn_ids]},
         {"params": [p for p in model.parameters() if id(p) in bn_ids], "lr": cfg.lr * bn_lr_scale,
