@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torch.utils.data import Dataset as TorchDataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
@@ -90,8 +90,11 @@ class FolderSplit:
         return (3, self.image_size, self.image_size)
 
     def item_name(self, index: int) -> str:
-        if isinstance(self.samples, ImageFolder):
-            return self.samples.samples[index][0]
+        samples = self.samples
+        while isinstance(samples, Subset):  # a held-out part: name the file behind it
+            samples, index = samples.dataset, samples.indices[index]
+        if isinstance(samples, ImageFolder):
+            return samples.samples[index][0]
         return f"{self.source} item {index}"
 
     def batches(self, index_batches: list[list[int]], seed_epoch: tuple[int, int] | None = None):
@@ -387,12 +390,37 @@ DATASETS.register("imagefolder", description="data.root/train/<class>/ and data.
 
 
 def load_dataset(cfg, seed: int = 0) -> Dataset:
-    """The data set a recipe's ``data`` section names, with its mean and std unless the recipe sets them."""
+    """The data set a recipe's ``data`` section names, with its mean and std unless the recipe sets them,
+    and with ``data.holdout`` training images in place of its test split when that is set."""
     if cfg.name in DATASETS:
         data = DATASETS.get(cfg.name)(cfg, seed)
     else:
         data = load_factory(cfg.name, cfg.input_size, cfg.augmentation, cfg.workers)
+    if cfg.holdout:
+        data = hold_out(data, cfg.holdout)
     return replace(data, mean=cfg.mean or data.mean, std=cfg.std or data.std)
+
+
+HOLDOUT_SEED = 20170801  # fixed, not the recipe's seed: every run of a search must see the same split
+
+
+def hold_out(data: Dataset, n: int) -> Dataset:
+    """``data`` with ``n`` training images, drawn once by a fixed seed, moved to be its evaluation split
+    (the test split is set aside): a validation set for choosing settings without seeing the test set."""
+    if not 0 < n < len(data.train):
+        raise DataError(f"data.holdout: {n} must be between 1 and {len(data.train) - 1}, "
+                        f"the {data.name} training split has {len(data.train)} images")
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+    keep, held = order[n:].sort().values, order[:n].sort().values
+    return replace(data, name=f"{data.name} (holdout {n})", train=_subset(data.train, keep),
+                   test=_subset(data.train, held, evaluation=True))
+
+
+def _subset(split: Split | FolderSplit, indices: torch.Tensor, evaluation: bool = False) -> Split | FolderSplit:
+    if isinstance(split, Split):
+        return Split(split.images[indices], split.labels[indices])
+    return replace(split, samples=Subset(split.samples, indices.tolist()),
+                   augmentation=None if evaluation else split.augmentation)
 
 
 def augment(images: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:

@@ -80,6 +80,8 @@ class DataCfg(_Section):
     train_size: int = Field(4096, ge=16, description="synthetic only")
     test_size: int = Field(1024, ge=16, description="synthetic only")
     num_classes: int = Field(10, ge=2, le=1000, description="synthetic only")
+    holdout: int = Field(0, ge=0, description="training images (a fixed draw) held out as the evaluation split in "
+                         "place of the test split, to choose λ and other settings without seeing the test set; 0: none")
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(256, ge=1)
     augment: bool | Literal["cifar", "imagenet", "none"] = Field(

@@ -364,3 +364,34 @@ def test_resolve_reports_a_file_that_fails_to_run(tmp_path):
     bad.write_text("raise RuntimeError('half written')\n")
     with pytest.raises(InputError, match="running .*bad.py raised RuntimeError: half written"):
         imports.resolve(f"{bad}:f", "data.name")
+
+
+# ---------------------------------------------------------------- holdout
+
+def test_holdout_moves_a_fixed_draw_of_training_images_to_evaluation():
+    cfg = DataCfg(name="synthetic", train_size=64, test_size=16, holdout=10)
+    full, held = load_dataset(DataCfg(name="synthetic", train_size=64, test_size=16)), load_dataset(cfg)
+    assert len(held.train) == 54 and len(held.test) == 10
+    rows = {tuple(img.flatten().tolist()): int(label) for img, label in zip(full.train.images, full.train.labels)}
+    for split in (held.train, held.test):  # every image is a training image, with its own label
+        assert all(rows[tuple(img.flatten().tolist())] == int(label) for img, label in zip(split.images, split.labels))
+    both = torch.cat([held.train.images, held.test.images]).flatten(1)
+    assert len(torch.unique(both, dim=0)) == 64  # disjoint, and together the whole training split
+
+
+def test_holdout_of_a_folder_is_evaluated_without_augmentation(tmp_path):
+    written = {str(path): pixels for path, pixels in
+               _write_folder(tmp_path, classes=("a", "b"), per_class=6, size=(16, 16)).items()}
+    data = load_dataset(DataCfg(name="imagefolder", root=str(tmp_path), image_size=16, augment=False, holdout=4))
+    assert len(data.train) == 8 and len(data.test) == 4 and data.test.augmentation is None
+    images = torch.cat([batch for batch, _ in eval_batches(data.test, 3)])
+    names = [data.test.item_name(i) for i in range(4)]  # the files behind the held-out items
+    assert all("/train/" in name for name in names) and len(set(names)) == 4
+    for image, name in zip(images, names):
+        assert torch.equal(image, _chw(written[name])), name
+
+
+@pytest.mark.parametrize("n", [64, 100])
+def test_holdout_must_leave_training_images(n):
+    _one_line_error(r"data.holdout: .* between 1 and 63", load_dataset,
+                    DataCfg(name="synthetic", train_size=64, test_size=16, holdout=n))
