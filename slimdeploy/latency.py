@@ -15,6 +15,7 @@
    (SIMD steps), where greedy choices go wrong.
 3. **Check.** The pruned model is exported and timed interleaved with the dense one; while it misses
    the target by more than the tolerance, the budget is rescaled by target / measured and re-planned.
+   A target that the smallest allowed widths miss is out of reach: an error says what they measured.
 """
 
 from __future__ import annotations
@@ -377,6 +378,7 @@ def fit_to_latency(dense: nn.Module, example: torch.Tensor, graph, groups: list[
     cost, path = latency_table(dense, example, graph, groups, choices, batch, threads, table_path)
     input_shape = tuple(example.shape[1:])
     roots = [g.root for g in groups]
+    smallest = [c.widths[0] for c in choices]
 
     with tempfile.TemporaryDirectory() as tmp:
         dense_path = export_onnx(dense, Path(tmp) / "dense.onnx", input_shape)
@@ -401,6 +403,8 @@ def fit_to_latency(dense: nn.Module, example: torch.Tensor, graph, groups: list[
             rounds.append({"budget_ms": budget, "predicted_ms": scale * cost.total_ms(widths),
                            "dense_ms": dense_now, "pruned_ms": pruned_now, "target_ms": target_now,
                            "speedup": dense_now / pruned_now, "error": error})
+            if error > tolerance and widths == smallest:
+                raise InputError(_out_of_reach(rounds[-1], target_speedup, target_ms, round_to, min_channels))
             if best is None or abs(error) < abs(best[1]["error"]):
                 best = (outcome, rounds[-1])
             if abs(error) <= tolerance:
@@ -417,6 +421,15 @@ def fit_to_latency(dense: nn.Module, example: torch.Tensor, graph, groups: list[
         "rounds": rounds, "chosen": final, "within_tolerance": within,
     }
     return outcome
+
+
+def _out_of_reach(measured: dict, target_speedup, target_ms, round_to, min_channels) -> str:
+    """The error for a target that even the smallest widths the plan may choose do not reach."""
+    asked = f"target_speedup {target_speedup}" if target_speedup else f"target_ms {target_ms}"
+    return (f"latency pruning: {asked} is out of reach; the fastest plan allowed (every group at its smallest "
+            f"width: round_to {round_to}, min_channels {min_channels}) measures {measured['speedup']:.2f}x "
+            f"({measured['pruned_ms']:.3f} ms, dense {measured['dense_ms']:.3f} ms); "
+            f"ask for less, or allow narrower widths")
 
 
 def check_targets(target_speedup: float | None, target_ms: float | None) -> None:

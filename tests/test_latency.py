@@ -244,3 +244,19 @@ def test_resnet20_reaches_the_measured_speedup(tmp_path, monkeypatch):
     assert plan.how == "latency" and plan.channels_kept < plan.channels_total
     assert all(g.kept % 8 == 0 or g.kept == g.channels for g in plan.groups)
     assert pruned(x).shape == (16, 10)
+
+
+def test_a_target_beyond_the_smallest_widths_is_an_error_naming_what_they_reach(tmp_path, monkeypatch):
+    # Timed by the same deterministic stand-in (latency ∝ ONNX file size): a 40× speedup is out of
+    # reach of ResNet-20 at widths aligned to 8, so the loop ends on the smallest plan with one line.
+    def sized_timing(models, batch=1, threads=1, *args, **kwargs):
+        sizes = [len(m) if isinstance(m, bytes) else Path(m).stat().st_size for m in models]
+        return [ortbench.latency_stats([10 * size] * 3, batch, threads) for size in sizes]
+
+    monkeypatch.setattr(latency.ortbench, "time_sessions", sized_timing)
+    model = build_model("resnet20", 10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with pytest.raises(InputError, match=r"target_speedup 40.0 is out of reach; the fastest plan allowed .*"
+                                         r"round_to 8, min_channels 1\) measures \d+\.\d\dx") as info:
+        sd.prune(model, x, how="latency", target_speedup=40.0, round_to=8, latency_table=tmp_path / "t.json")
+    assert "\n" not in str(info.value)
