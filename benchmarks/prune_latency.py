@@ -16,7 +16,6 @@ dependency graph and pruning ResNet-164.
 
 import argparse
 import collections
-import copy
 import os
 import tempfile
 import time
@@ -24,14 +23,13 @@ from pathlib import Path
 
 import torch
 
+import slimdeploy as sd
 from slimdeploy import ortbench
 from slimdeploy.bench import count_macs
 from slimdeploy.bn import affine_bns
 from slimdeploy.export import export_onnx
-from slimdeploy.graph import build_graph, channel_groups
 from slimdeploy.models import build_model
-from slimdeploy.plan import make_plan, simd_block
-from slimdeploy.prune import apply_plan
+from slimdeploy.plan import simd_block
 
 SHAPE = (3, 32, 32)
 
@@ -48,12 +46,10 @@ def dense_model(name, run):
 
 
 def pruned_model(dense, name, percent, round_to, score_reduce="max"):
-    model = copy.deepcopy(dense)
-    groups = channel_groups(model, build_graph(model, torch.randn(1, *SHAPE)))
-    scores = {n: m.weight.detach().abs() for n, m in affine_bns(model).items()}
-    plan = make_plan(groups, scores, how="percent", amount=percent, round_to=round_to, score_reduce=score_reduce,
-                     model_name=name, num_classes=10, input_shape=SHAPE)
-    return apply_plan(model, plan)
+    """A copy of ``dense`` pruned by |γ|, without compensation: the latency of the channel surgery alone."""
+    model, _ = sd.prune(dense, torch.randn(1, *SHAPE), how="percent", amount=percent, round_to=round_to,
+                        compensate="none", score_reduce=score_reduce, model_name=name)
+    return model
 
 
 def kernel_time_by_block(path, batch, threads, runs=20) -> dict[str, float]:

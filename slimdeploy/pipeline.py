@@ -18,32 +18,27 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from slimdeploy import api, bench, distributed, export, logs, ortbench, runtimes
+from slimdeploy import api, bench, distributed, export, imports, logs, ortbench, runtimes
 from slimdeploy.accuracy import top1
 from slimdeploy.data import Dataset, Normalize, first_images, load_dataset
+from slimdeploy.exports import EXPORTS
 from slimdeploy.models import build_model
 from slimdeploy.plan import ChannelPlan
 from slimdeploy.prune import layer_widths, zero_bn_channels
 from slimdeploy.recipe import Recipe
-from slimdeploy.registry import Registry
 from slimdeploy.results import (
     ExportSummary, Int8LatencyRow, Int8Model, Int8Summary, LatencyRow, LayerWidth, ModelSummary, Percentiles,
     ProximalSummary, PruningSummary, RunReport, SparsitySummary, Speedup, StageHistory, ZeroedGammaCheck,
 )
 from slimdeploy.rundir import MODELS, RunDir
-from slimdeploy.sparsity import ProximalSparsifier, Sparsifier, make_sparsifier
+from slimdeploy.sparsity import Sparsifier, make_sparsifier
 from slimdeploy.train import LoopSettings, TrainResult, evaluate, train, use_channels_last
-
-# --export FORMAT: after both models are exported to ONNX and checked, the format's own stage runs; what it
-# returns goes into the report's int8 entry (None: nothing to add).
-EXPORTS: Registry[Callable[["RunContext"], Int8Summary | None]] = Registry("export format")
-EXPORTS.register("onnx", description="dense and pruned models in ONNX, checked in onnxruntime")(lambda ctx: None)
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +162,6 @@ def _zeroed_gamma_check(ctx: RunContext, dense: nn.Module, outcome: api.PruneOut
         return ZeroedGammaCheck(float((outcome.model(x) - ref).abs().max()), float(ref.abs().max()), len(x))
 
 
-def _proximal_summary(sparsifier: Sparsifier) -> ProximalSummary | None:
-    if isinstance(sparsifier, ProximalSparsifier):
-        return ProximalSummary(**sparsifier.zero_summary())
-    return None
-
-
 def _pruning_summary(ctx: RunContext, dense: nn.Module, outcome: api.PruneOutcome, seconds: float,
                      proximal: ProximalSummary | None) -> PruningSummary:
     plan = outcome.plan
@@ -195,7 +184,7 @@ def prune_stage(ctx: RunContext, dense: nn.Module, sparsifier: Sparsifier) -> Pr
         **_prune_kwargs(recipe), model_name=recipe.model.name, model_kwargs=recipe.model.kwargs,
     )
     seconds = time.perf_counter() - tic
-    proximal = _proximal_summary(sparsifier)
+    proximal = sparsifier.summary()
     summary = _pruning_summary(ctx, dense, outcome, seconds, proximal)
     ctx.run_dir.write_plan(outcome.plan)
     flat_scores = torch.cat([s.flatten().cpu() for s in scores.values()]).double().numpy()
@@ -233,34 +222,43 @@ def export_stage(ctx: RunContext, models: ModelPair) -> ExportSummary:
                          dense_max_abs_logit=d.max_abs_logit, session=p.session)
 
 
-def _ort_accuracy(path: Path, ctx: RunContext) -> float:
-    """Top-1 accuracy (%) of an ONNX model in onnxruntime over the whole test split."""
-    predictor = ortbench.OrtPredictor(path, ortbench.SessionConfig(threads=_threads(0)))
-    return top1(predictor, ctx.data.test, ctx.normalize, 256)
+def _onnx_accuracy(ctx: RunContext, runtime: str, path: Path) -> float:
+    """Top-1 accuracy (%) of an ONNX model in ``runtime`` over the whole test split."""
+    loaded = runtimes.RUNTIMES.get(runtime).load(path, _threads(0))
+    return top1(loaded.run, ctx.data.test, ctx.normalize, 256)
+
+
+def _int8_runtimes(ctx: RunContext) -> list[str]:
+    """The bench runtimes that load the INT8 ONNX files as they are; the others need INT8 programs of
+    their own."""
+    return [name for name in ctx.recipe.bench.runtimes if runtimes.RUNTIMES.get(name).reads_onnx]
 
 
 def _int8_model(ctx: RunContext, fp32: Path, int8: Path) -> Int8Model:
+    """onnxruntime, which quantized the file, gives the accuracy of record; every other runtime its own."""
+    others = [name for name in _int8_runtimes(ctx) if name != "onnxruntime"]
     return Int8Model(onnx=str(int8), onnx_bytes=bench.file_size(int8),
-                     accuracy=_ort_accuracy(int8, ctx),
-                     fp32_accuracy=_ort_accuracy(fp32, ctx))
+                     accuracy=_onnx_accuracy(ctx, "onnxruntime", int8),
+                     fp32_accuracy=_onnx_accuracy(ctx, "onnxruntime", fp32),
+                     accuracy_by_runtime={name: _onnx_accuracy(ctx, name, int8) for name in others})
 
 
-def _int8_latency(ctx: RunContext, paths: list[Path], setting) -> Int8LatencyRow:
-    """``paths``: dense and pruned FP32, then dense and pruned INT8. FP32 is timed again beside INT8,
-    interleaved in one session set, so the two compare fairly."""
-    threads = _threads(setting.threads)
-    dense32, pruned32, dense8, pruned8 = ortbench.time_sessions(
-        paths, batch=setting.batch, config=ortbench.SessionConfig(threads=threads), warmup=ctx.recipe.bench.warmup,
-        iters=ctx.recipe.bench.iters, progress=ctx.progress,
-    )
-    return Int8LatencyRow(batch=setting.batch, threads=threads, dense_fp32=dense32, pruned_fp32=pruned32,
-                          dense=dense8, pruned=pruned8,
+def _int8_latency(ctx: RunContext, runtime: str, paths: list[Path], setting) -> Int8LatencyRow:
+    """``paths``: dense and pruned FP32, then dense and pruned INT8, all loaded in ``runtime``. FP32 is
+    timed again beside INT8, interleaved, so the two compare fairly."""
+    cfg, threads = ctx.recipe.bench, _threads(setting.threads)
+    loaded = runtimes.load_interleaved(runtime, paths, threads)
+    dense32, pruned32, dense8, pruned8 = runtimes.time_models(loaded, ctx.data.input_shape, setting.batch,
+                                                              cfg.warmup, cfg.iters, threads)
+    session = loaded[2].describe()  # the dense INT8 model's
+    return Int8LatencyRow(backend=runtime, batch=setting.batch, threads=threads, session=session,
+                          dense_fp32=dense32, pruned_fp32=pruned32, dense=dense8, pruned=pruned8,
                           speedup_vs_fp32=Speedup(dense32.p50 / dense8.p50, pruned32.p50 / pruned8.p50))
 
 
-@EXPORTS.register("onnx-int8", description="ONNX, plus both models quantized to static INT8 (QDQ)")
 def int8_stage(ctx: RunContext) -> Int8Summary:
-    """Both ONNX models quantized for the recipe's INT8 target; accuracy and latency beside FP32."""
+    """Both ONNX models quantized for the recipe's INT8 target; accuracy and latency beside FP32 in every
+    bench runtime that reads the ONNX files."""
     cfg = ctx.recipe.export
     target = export.resolve_int8_target(cfg.int8_target)
     types = export.int8_types(target)
@@ -271,9 +269,17 @@ def int8_stage(ctx: RunContext) -> Int8Summary:
     dense, pruned = [_int8_model(ctx, path32, path8) for path32, path8 in zip(fp32, int8)]
     return Int8Summary(
         target=target, **types, format="QDQ, per-channel weights", calibration=cfg.int8_calibration,
-        calibration_images=len(calib), latency=[_int8_latency(ctx, fp32 + int8, s) for s in ctx.recipe.bench.settings],
+        calibration_images=len(calib),
+        latency=[_int8_latency(ctx, runtime, fp32 + int8, setting)
+                 for setting in ctx.recipe.bench.settings for runtime in _int8_runtimes(ctx)],
         dense=dense, pruned=pruned,
     )
+
+
+def export_format_stage(ctx: RunContext, export_format: str | None) -> Int8Summary | None:
+    """The --export format's own stage, which slimdeploy.exports names; None for a format without one."""
+    stage = EXPORTS.get(export_format) if export_format else None
+    return imports.resolve(stage, f"--export {export_format}")(ctx) if stage else None
 
 
 def _model_summary(model: nn.Module, shape, accuracy: float | None, onnx_path: Path | None,
@@ -416,7 +422,7 @@ def _run(ctx: RunContext, recipe_name: str, export_format: str | None) -> RunRes
     files = _runtime_files(ctx, models, onnx_paths)
     runtime_checks = _verify_runtimes(ctx, models, files)
     latency = benchmark_stage(ctx, models, onnx_paths, files)
-    int8 = EXPORTS.get(export_format)(ctx) if export_format else None
+    int8 = export_format_stage(ctx, export_format)
 
     accuracies = (sparse.accuracy, finetuned.accuracy if finetuned else pruning.accuracy)
     dense_summary, pruned_summary = _model_summaries(ctx, models, accuracies, onnx_paths, latency)

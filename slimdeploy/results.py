@@ -162,10 +162,12 @@ class Speedup(_Record):
 
 @dataclass(frozen=True, kw_only=True)
 class Int8LatencyRow(_Record):
-    """onnxruntime p50 of the INT8 models, with the FP32 ones timed in the same interleaved session set."""
+    """One runtime's latency of the INT8 models, with the FP32 ones timed interleaved beside them."""
 
+    backend: str = "onnxruntime"  # reports written before other runtimes ran INT8 timed it in onnxruntime
     batch: int
     threads: int
+    session: dict | None = None  # the runtime's settings (its describe())
     dense_fp32: LatencyStats
     pruned_fp32: LatencyStats
     dense: LatencyStats
@@ -179,6 +181,7 @@ class Int8Model(_Record):
     onnx_bytes: int
     accuracy: float  # top-1 (%) of the INT8 file in onnxruntime
     fp32_accuracy: float  # the same for the FP32 file it was quantized from
+    accuracy_by_runtime: dict[str, float] = field(default_factory=dict)  # the INT8 file in each other runtime
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,11 +1,12 @@
 """Inference runtimes that run the exported models: onnxruntime and OpenVINO read the ONNX files,
 ExecuTorch runs a .pte program exported beside them.
 
-Every runtime in `RUNTIMES` has the same face: ``available()``, ``prepare(model, onnx_path, input_shape,
-max_batch)`` giving the file it loads, ``load(path, threads)`` giving a loaded model with
-``run(inputs) -> logits`` and ``describe()`` (version, device, the inference precision actually used,
-threads). `verify` checks a loaded model against PyTorch, `time_models` times loaded models interleaved
-as `ortbench.time_sessions` does.
+Every runtime in `RUNTIMES` has the same face: ``available()``, ``reads_onnx`` (it loads the ONNX files
+themselves, so the INT8 ones too), ``prepare(model, onnx_path, input_shape, max_batch)`` giving the file it
+loads, ``load(path, threads)`` giving a loaded model with ``run(inputs) -> logits`` and ``describe()``
+(version, device, the inference precision actually used, threads). `verify` checks a loaded model against
+PyTorch, `time_models` times loaded models interleaved as `ortbench.time_sessions` does (`load_interleaved`
+loads them for it).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class OnnxRuntime:
 
     name = "onnxruntime"
     install_hint = "pip install onnxruntime"
+    reads_onnx = True  # the INT8 (QDQ) files included
     prepare = staticmethod(_onnx_file)
 
     def __init__(self, path, config: SessionConfig):
@@ -67,6 +69,7 @@ class OpenVino:
 
     name = "openvino"
     install_hint = "pip install openvino"
+    reads_onnx = True  # QDQ nodes become its own INT8 kernels
     prepare = staticmethod(_onnx_file)
 
     def __init__(self, path, threads: int):
@@ -146,6 +149,7 @@ class ExecuTorch:
 
     name = "executorch"
     install_hint = "pip install -e .[executorch]"
+    reads_onnx = False  # an INT8 model needs a program of its own
 
     def __init__(self, path, threads: int):
         from executorch.runtime import Runtime
@@ -233,6 +237,15 @@ def verify(loaded, model: nn.Module, inputs: torch.Tensor, tolerance: float) -> 
             f"{loaded.path}: max |{loaded.name} ({info['precision']}) - PyTorch| = {diff:.3e} exceeds "
             f"{allowed:g} x max |logit| = {allowed:g} x {peak:.3e}")
     return {**info, "max_abs_diff": diff, "max_abs_logit": peak, "tolerance": allowed}
+
+
+def load_interleaved(name: str, paths: list, threads: int) -> list:
+    """Each file loaded in runtime ``name`` for `time_models` to time them interleaved: onnxruntime's idle
+    pool threads then stop spinning, as in `ortbench.time_sessions` (see `ortbench.spinning_for`)."""
+    runtime = RUNTIMES.get(name)
+    if runtime is OnnxRuntime:
+        return [OnnxRuntime(path, SessionConfig(threads=threads).for_timing(len(paths))) for path in paths]
+    return [runtime.load(path, threads) for path in paths]
 
 
 def time_models(loaded: list, input_shape: tuple[int, ...], batch: int, warmup: int, iters: int,

@@ -23,6 +23,7 @@ from slimdeploy import penalties
 from slimdeploy.bn import BN_TYPES, affine_bns  # noqa: F401  (BN_TYPES re-exported)
 from slimdeploy.penalties import Penalty
 from slimdeploy.registry import Registry
+from slimdeploy.results import ProximalSummary
 
 SPARSIFIERS: Registry[type["Sparsifier"]] = Registry("sparsity method")
 
@@ -114,6 +115,10 @@ class Sparsifier:
     def penalty_value(self) -> float:
         return float(self.penalty.value(self.flat_gamma())) if self.penalty and self.gammas else 0.0
 
+    def summary(self) -> ProximalSummary | None:
+        """What the run report records of the sparsifier's own state (None: nothing beyond the scores)."""
+        return None
+
     def state_dict(self) -> dict:
         return {"method": self.method}
 
@@ -193,6 +198,9 @@ class ProximalSparsifier(Sparsifier):
             "gamma_max_abs_at_xi_zero": float(g.max()) if g.numel() else 0.0,
             "gamma_mean_abs_at_xi_zero": float(g.mean()) if g.numel() else 0.0,
         }
+
+    def summary(self) -> ProximalSummary:
+        return ProximalSummary(**self.zero_summary())
 
     def state_dict(self) -> dict:
         return {"method": self.method, "xi": {name: x.clone() for name, x in zip(self.bns, self.xi)}}

@@ -20,18 +20,19 @@ SETTINGS = ["data.train_size=512", "data.test_size=64", "data.image_size=16", "d
 def test_torchrun_two_processes(tmp_path):
     spy_dir, out = tmp_path / "spy", tmp_path / "run"
     spy_dir.mkdir()
-    # Runs the CLI, and also saves every rank's weights after each training stage (outside the run dir).
+    # Runs the CLI, and also saves every rank's weights after each training stage (outside the run dir: only
+    # rank 0 writes there), through the stage runner every training stage goes through.
     launcher = tmp_path / "launch.py"
     launcher.write_text(textwrap.dedent(f"""
-        import runpy, sys, torch, torch.distributed as dist
+        import runpy, sys, torch
         sys.path.insert(0, {str(ROOT)!r})
-        from slimdeploy import pipeline, train as T
-        real = pipeline.train
-        def spy(model, *args, **kw):
-            result = real(model, *args, **kw)
-            torch.save(T.unwrap(model).state_dict(), f"{spy_dir}/{{kw['desc']}}_rank{{dist.get_rank()}}.pt")
+        from slimdeploy import pipeline
+        real = pipeline._train_stage
+        def spy(ctx, model, sparsifier, stage, fingerprint):
+            result = real(ctx, model, sparsifier, stage, fingerprint)
+            torch.save(model.state_dict(), f"{spy_dir}/{{stage}}_rank{{ctx.procs.rank}}.pt")
             return result
-        pipeline.train = spy
+        pipeline._train_stage = spy
         sys.argv = ["compress.py"] + sys.argv[1:]
         runpy.run_path({str(ROOT / "tools" / "compress.py")!r}, run_name="__main__")
     """))

@@ -1,6 +1,8 @@
 """Static INT8 export: types per target CPU, calibration methods, and the report's int8 block."""
 
 import json
+import math
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -10,12 +12,14 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from slimdeploy import pipeline
+from helpers import FAST, QUICKSTART, run_cli
+from slimdeploy import pipeline, runtimes
 from slimdeploy.data import Normalize, make_synthetic
 from slimdeploy.export import (
     CALIBRATION_METHODS, export_onnx, int8_metadata, int8_types, quantize_int8, resolve_int8_target,
 )
 from slimdeploy.recipe import RecipeError, build_recipe
+from slimdeploy.results import RunReport
 
 SHAPE = (3, 16, 16)
 
@@ -219,6 +223,52 @@ def test_int8_stage_reports_types_accuracy_and_speedup(trained, tmp_path):
         assert side["fp32_accuracy"] == pytest.approx(expected, abs=1e-9)
         assert side["fp32_accuracy"] - 3 <= side["accuracy"] <= 100
         assert int8_metadata(side["onnx"])["calibration"] == "percentile"
+        assert side["accuracy_by_runtime"] == {}  # onnxruntime alone
     (row,) = q["latency"]
+    assert row["backend"] == "onnxruntime" and row["session"]["intra_op_spinning"] is False  # timed interleaved
     for name in ("dense", "pruned"):
         assert row["speedup_vs_fp32"][name] == pytest.approx(row[f"{name}_fp32"]["p50"] / row[name]["p50"])
+
+
+def test_onnxruntime_models_timed_together_do_not_spin(tmp_path):
+    path = export_onnx(TinyCNN().eval(), tmp_path / "tiny.onnx", SHAPE)
+    together = runtimes.load_interleaved("onnxruntime", [path, path], threads=1)
+    (alone,) = runtimes.load_interleaved("onnxruntime", [path], threads=1)
+    assert [model.describe()["intra_op_spinning"] for model in together] == [False, False]
+    assert alone.describe()["intra_op_spinning"] is True
+
+
+def test_int8_runs_in_the_bench_runtimes_that_read_onnx():
+    pytest.importorskip("openvino", reason="openvino is not installed (pip install openvino)")
+    pytest.importorskip("executorch.runtime", reason="executorch is not installed (pip install -e .[executorch])")
+    recipe = build_recipe({}, ["bench.runtimes=[executorch, openvino, onnxruntime]"])
+    assert pipeline._int8_runtimes(SimpleNamespace(recipe=recipe)) == ["openvino", "onnxruntime"]
+
+
+@pytest.mark.slow
+def test_int8_rows_and_accuracy_for_onnxruntime_and_openvino(tmp_path):
+    pytest.importorskip("openvino", reason="openvino is not installed (pip install openvino)")
+    out = tmp_path / "run"
+    res = run_cli(QUICKSTART, *FAST, "bench.torch=false", "bench.runtimes=[onnxruntime, openvino]", out=out,
+                  args=["--export", "onnx-int8"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    q = report["int8"]
+    settings = [(row["batch"], row["threads"]) for row in report["latency"] if row["backend"] == "onnxruntime"]
+    rows = {(row["backend"], row["batch"], row["threads"]): row for row in q["latency"]}
+    assert len(settings) == 2 and len(q["latency"]) == 4
+    assert set(rows) == {(backend, *setting) for backend in ("onnxruntime", "openvino") for setting in settings}
+    for (backend, *_), row in rows.items():
+        for model in ("dense", "pruned", "dense_fp32", "pruned_fp32"):
+            assert math.isfinite(row[model]["p50"]) and row[model]["p50"] > 0, (backend, model)
+        assert row["session"]["runtime"] == backend
+    for batch, threads in settings:
+        assert rows[("onnxruntime", batch, threads)]["session"]["intra_op_spinning"] is False
+        assert rows[("openvino", batch, threads)]["session"]["threads"] == threads
+    for side in ("dense", "pruned"):  # the same INT8 file in two runtimes: the same predictions, nearly
+        assert set(q[side]["accuracy_by_runtime"]) == {"openvino"}
+        assert q[side]["accuracy_by_runtime"]["openvino"] == pytest.approx(q[side]["accuracy"], abs=3)
+    md = (out / "report.md").read_text()
+    assert "| openvino p50 (ms) INT8 / FP32, batch 1, 1 thread(s) |" in md
+    assert "| top-1 accuracy (%), INT8 in openvino |" in md
+    assert RunReport.from_json(out / "report.json").to_json() == report

@@ -50,6 +50,7 @@ def test_quickstart_end_to_end(tmp_path):
     assert e["opset"] >= 17 and e["max_abs_diff"] <= 1e-4 * e["max_abs_logit"]
     pr = report["pruning"]
     assert 0 < pr["channels_kept"] < pr["channels_total"]
+    assert pr["proximal"] is None  # subgradient training keeps no ξ
     assert all(l["after"] >= 1 for l in pr["layers"]) and any(l["after"] < l["before"] for l in pr["layers"])
     assert report["train"]["epochs"] == 2 and report["train"]["seconds"] > 0
     onnx.checker.check_model(str(out / "pruned.onnx"))

@@ -40,12 +40,19 @@ def _model(params: int, macs: int, accuracy: float, p50: float) -> ModelSummary:
 
 
 def _int8() -> Int8Summary:
-    row = Int8LatencyRow(batch=1, threads=1, dense_fp32=_stats(2.0), pruned_fp32=_stats(1.0), dense=_stats(0.8),
-                         pruned=_stats(0.5), speedup_vs_fp32=Speedup(2.0 / 0.8, 1.0 / 0.5))
+    ort_row = Int8LatencyRow(batch=1, threads=1, session={"intra_op_spinning": False}, dense_fp32=_stats(2.0),
+                             pruned_fp32=_stats(1.0), dense=_stats(0.8), pruned=_stats(0.5),
+                             speedup_vs_fp32=Speedup(2.0 / 0.8, 1.0 / 0.5))
+    ov_row = Int8LatencyRow(backend="openvino", batch=1, threads=1, session={"runtime": "openvino", "threads": 1},
+                            dense_fp32=_stats(1.5), pruned_fp32=_stats(0.9), dense=_stats(0.6), pruned=_stats(0.4),
+                            speedup_vs_fp32=Speedup(1.5 / 0.6, 0.9 / 0.4))
     return Int8Summary(target="x86", activation="uint8", weights="int8", reduce_range=True,
-                       format="QDQ, per-channel weights", calibration="minmax", calibration_images=32, latency=[row],
-                       dense=Int8Model(onnx="d.int8.onnx", onnx_bytes=1200, accuracy=90.5, fp32_accuracy=91.0),
-                       pruned=Int8Model(onnx="p.int8.onnx", onnx_bytes=500, accuracy=89.25, fp32_accuracy=90.0))
+                       format="QDQ, per-channel weights", calibration="minmax", calibration_images=32,
+                       latency=[ort_row, ov_row],
+                       dense=Int8Model(onnx="d.int8.onnx", onnx_bytes=1200, accuracy=90.5, fp32_accuracy=91.0,
+                                       accuracy_by_runtime={"openvino": 90.0}),
+                       pruned=Int8Model(onnx="p.int8.onnx", onnx_bytes=500, accuracy=89.25, fp32_accuracy=90.0,
+                                        accuracy_by_runtime={"openvino": 88.75}))
 
 
 @pytest.fixture
@@ -95,6 +102,8 @@ def test_to_json_keeps_every_key_and_adds_the_schema_version(report):
     assert raw["latency"][2]["session"] is None and raw["latency"][0]["dense"]["p50"] == 2.0
     assert set(raw["dense"]["latency_ms"]) == {"p50", "p90", "p99"}
     assert set(raw["int8"]["latency"][0]["speedup_vs_fp32"]) == {"dense", "pruned"}
+    assert [(row["backend"], row["session"]["threads"]) for row in raw["int8"]["latency"][1:]] == [("openvino", 1)]
+    assert raw["int8"]["pruned"]["accuracy_by_runtime"] == {"openvino": 88.75}
     assert set(raw["train"]) == {"epochs", "seconds", "history"}
 
 
@@ -110,9 +119,16 @@ def test_report_without_schema_version_reads_as_version_1(report, tmp_path):
     del raw["schema_version"], raw["pruning"]["proximal"], raw["latency"][2]["session"]
     for side in ("dense", "pruned"):
         del raw[side]["onnx_bytes"], raw[side]["peak_rss_mb"]
+    raw["int8"]["latency"] = raw["int8"]["latency"][:1]  # INT8 was timed in onnxruntime alone
+    del raw["int8"]["latency"][0]["backend"], raw["int8"]["latency"][0]["session"]
+    for side in ("dense", "pruned"):
+        del raw["int8"][side]["accuracy_by_runtime"]
     loaded = RunReport.from_json(_write(raw, tmp_path / "old.json"))
     assert loaded.schema_version == 1 and loaded.pruning.proximal is None and loaded.latency[2].session is None
     assert loaded.dense.macs == report.dense.macs
+    (int8_row,) = loaded.int8.latency
+    assert (int8_row.backend, int8_row.session) == ("onnxruntime", None)
+    assert loaded.int8.dense.accuracy_by_runtime == {} and loaded.int8.pruned.accuracy == 89.25
 
 
 @pytest.mark.parametrize("version", [99, 0, "1", True])
@@ -158,8 +174,12 @@ def test_markdown_shows_the_report(report):
     assert f"| ONNX file (MB) | {d.onnx_bytes / 1e6:.2f} |" in md and "| peak RSS" in md
     assert "ONNX check (opset 17)" in md
     assert "uint8 activations, int8 weights (7-bit range), minmax calibration on 32 training images" in md
-    q = report.int8.latency[0]
-    assert f"{q.pruned.p50:.3f} / {q.pruned_fp32.p50:.3f} ({q.speedup_vs_fp32.pruned:.2f}×)" in md
+    for q in report.int8.latency:
+        assert (f"| {q.backend} p50 (ms) INT8 / FP32, batch {q.batch}, {q.threads} thread(s) | "
+                f"{q.dense.p50:.3f} / {q.dense_fp32.p50:.3f} ({q.speedup_vs_fp32.dense:.2f}×) | "
+                f"{q.pruned.p50:.3f} / {q.pruned_fp32.p50:.3f} ({q.speedup_vs_fp32.pruned:.2f}×) |") in md
+    assert "| top-1 accuracy (%), INT8 / FP32 ONNX in onnxruntime | 90.50 / 91.00 | 89.25 / 90.00 |" in md
+    assert "| top-1 accuracy (%), INT8 in openvino | 90.00 | 88.75 |" in md
     assert "Channels kept: 30 of 58 (51.7 %)." in md
     assert "Proximal NS: 28 of 58 ξ are exactly zero; 5 of their γ are not (max |γ| 0.0123)." in md
     assert "![scores](scores.png)" in md and "![widths](widths.png)" in md and "latency.png" not in md

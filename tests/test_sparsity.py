@@ -12,6 +12,7 @@ from slimdeploy.models import build_model
 from slimdeploy.plan import make_plan
 from slimdeploy.prune import apply_plan
 from slimdeploy.recipe import FinetuneCfg, build_recipe
+from slimdeploy.results import ProximalSummary
 from slimdeploy.sparsity import (
     SPARSIFIERS,
     ProximalSparsifier,
@@ -90,6 +91,20 @@ def test_proximal_state_roundtrip():
     other.load_state_dict(state)
     for a, b in zip(sp.xi, other.xi):
         assert torch.equal(a, b)
+
+
+def test_summary_counts_the_exact_zeros_of_xi_and_is_none_without_xi():
+    net = _net()
+    with torch.no_grad():
+        net[1].weight.uniform_(0.1, 1.0)
+    sp = make_sparsifier(net, "proximal", "l1", 0.1, beta=1.0)
+    sp.xi[0][:3] = 0  # three channels of the first BN, whose γ stay as they were
+    gamma = net[1].weight.detach()[:3]
+    assert sp.summary() == ProximalSummary(
+        xi_zeros=3, channels=8 + 6, gamma_nonzero_at_xi_zero=3, gamma_max_abs_at_xi_zero=float(gamma.max()),
+        gamma_mean_abs_at_xi_zero=float(gamma.mean()))
+    for name in set(SPARSIFIERS.names()) - {"proximal"}:
+        assert make_sparsifier(_net(), name, "l1", 0.1).summary() is None, name
 
 
 @pytest.mark.slow

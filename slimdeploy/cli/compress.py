@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from slimdeploy.exports import EXPORTS  # torch-free, unlike slimdeploy.pipeline: --help starts fast
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, as for a bad recipe
@@ -19,8 +21,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from slimdeploy.pipeline import EXPORTS
-
     ap = _Parser(description="Sparse training, graph pruning, ONNX export and benchmark of a CNN.")
     ap.add_argument("recipe", help="recipe YAML file (see recipes/)")
     ap.add_argument("--export", choices=EXPORTS.names(), help="export dense and pruned models: " + "; ".join(
