@@ -1,0 +1,328 @@
+#!/usr/bin/env python
+"""slimdeploy's penalties against Torch-Pruning's pruners and uniform width, at equal measured latency.
+
+Every method starts from the same trained dense model and gets the same budget: ``--sparse-epochs`` of
+training with its own regulariser (none for magnitude pruning), pruning to a target speedup measured in
+onnxruntime (batch 1, 1 thread: the deployment setting), then ``--finetune-epochs`` of fine-tuning.
+Every run uses the same data order (seed), optimiser and learning-rate schedule, and widths aligned to
+the same multiple. The loop is a user's own loop: slimdeploy enters through ``sd.sparsify`` (an optimizer
+hook) and ``sd.prune``, Torch-Pruning through its pruners' ``regularize`` and ``step``.
+
+- slimdeploy: subgradient L1, Lp (p = ½), TL1, MCP, SCAD; proximal L1 and TL1. Pruned by
+  ``sd.prune(how="latency")``: per-group widths chosen for the measured budget.
+- Torch-Pruning: ``MagnitudePruner`` (L1 filter norm, per layer), ``BNScalePruner`` (slimming, global)
+  and ``GroupNormPruner`` (DepGraph, global). A pruner prunes by a ratio, so the ratio is bisected until
+  the measured speedup meets the target.
+- uniform: the architecture thinned by the same per-layer ratio everywhere (bisected the same way) and
+  trained from scratch for the dense model's epochs plus the budget.
+
+λ is chosen per method on the validation split (``data.holdout`` images of the training set, never
+the test set): each value of ``--grid`` × the method's base λ is sparse-trained and pruned to the
+highest target, and the one with the best validation accuracy right after pruning is kept. Every method
+gets the same grid. Rows are appended to ``--out`` as they finish; a rerun skips what is there.
+
+    tools/venv python benchmarks/pruner_comparison.py --dense runs/r20_dense/dense.pt --data /tmp/cifar \\
+        --out docs/results/comparison.json [--methods l1 bnscale ...] [--targets 1.5 1.7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+
+import slimdeploy as sd
+from slimdeploy import ortbench
+from slimdeploy.accuracy import top1
+from slimdeploy.bench import count_macs, count_params
+from slimdeploy.data import Normalize, load_dataset, steps_per_epoch, train_batches
+from slimdeploy.errors import SlimdeployError
+from slimdeploy.export import export_onnx
+from slimdeploy.graph import output_layers
+from slimdeploy.models import build_model
+from slimdeploy.recipe import DataCfg
+
+ROUND_TO = 16  # the AVX-512 SIMD block: every method's widths are aligned alike
+SETTINGS = ((1, 1), (64, 2))  # (batch, threads): the target's setting first
+
+
+@dataclass(frozen=True)
+class Budget:
+    sparse_epochs: int = 2
+    finetune_epochs: int = 2
+    lr: float = 0.01  # both phases: cosine from here, as fine-tuning a trained model
+    weight_decay: float = 5e-4
+    batch: int = 128
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    library: str  # slimdeploy, torch-pruning, uniform
+    lam: float = 0.0  # base λ (Torch-Pruning: reg); the search scales it by the grid
+    sparsify: dict = field(default_factory=dict)  # sd.sparsify keywords
+    pruner: str = ""  # Torch-Pruning: magnitude, bnscale, groupnorm
+
+    def with_lam(self, lam: float) -> "Method":
+        return replace(self, lam=lam)
+
+
+METHODS = {m.name: m for m in [
+    Method("l1", "slimdeploy", 1e-2, {"penalty": "l1"}),
+    Method("lp0.5", "slimdeploy", 1e-2, {"penalty": "lp", "p": 0.5}),
+    Method("tl1", "slimdeploy", 1e-2, {"penalty": "tl1", "a": 1.0}),
+    # MCP and SCAD act only where |γ| ≤ a·λ: a = 1/λ keeps every γ below 1 in reach (set in with_lam)
+    Method("mcp", "slimdeploy", 1e-2, {"penalty": "mcp"}),
+    Method("scad", "slimdeploy", 1e-2, {"penalty": "scad"}),
+    Method("proximal_l1", "slimdeploy", 1e-1, {"method": "proximal", "penalty": "l1"}),
+    Method("proximal_tl1", "slimdeploy", 1e-1, {"method": "proximal", "penalty": "tl1", "a": 1.0}),
+    Method("magnitude", "torch-pruning", 0.0, pruner="magnitude"),
+    Method("bnscale", "torch-pruning", 1e-2, pruner="bnscale"),
+    Method("groupnorm", "torch-pruning", 1e-2, pruner="groupnorm"),
+    Method("uniform", "uniform"),
+]}
+
+
+def sparsify_kwargs(method: Method) -> dict:
+    kwargs = dict(method.sparsify, lam=method.lam)
+    if kwargs.get("penalty") in ("mcp", "scad") and "a" not in kwargs:
+        kwargs["a"] = max(1.0 / method.lam, 3.7)  # MCP needs a > 1, SCAD a > 2
+    return kwargs
+
+
+# --- the one training loop every method shares --------------------------------------------------------
+
+def train(model: nn.Module, split, normalize: Normalize, epochs: int, budget: Budget, lr: float | None = None,
+          sparsify: dict | None = None, regularize=None):
+    """SGD with momentum, cosine from ``lr``; ``sparsify``: sd.sparsify keywords (the handle is
+    returned), ``regularize(model)``: called between backward and step (Torch-Pruning's way)."""
+    lr = lr or budget.lr
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=budget.weight_decay, nesterov=True)
+    handle = sd.sparsify(model, opt, **sparsify) if sparsify else None
+    steps = steps_per_epoch(split, budget.batch)
+    model.train()
+    for epoch in range(epochs):
+        for step, (images, labels) in enumerate(train_batches(split, budget.batch, budget.seed, epoch, True)):
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (epoch * steps + step) / (epochs * steps)))
+            loss = F.cross_entropy(model(normalize(images)), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if regularize:
+                regularize(model)
+            opt.step()
+    model.eval()
+    return handle
+
+
+# --- latency ------------------------------------------------------------------------------------------
+
+def speedups(dense: nn.Module, pruned: nn.Module, shape, settings=SETTINGS, iters: int = 200) -> list[dict]:
+    """Dense and pruned exported to ONNX and timed interleaved in onnxruntime, per (batch, threads)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [str(export_onnx(m, Path(tmp) / f"{n}.onnx", shape)) for n, m in (("d", dense), ("p", pruned))]
+        for batch, threads in settings:
+            d, p = ortbench.time_sessions(paths, batch=batch, config=ortbench.SessionConfig(threads=threads),
+                                          warmup=max(iters // 10, 5), iters=iters if batch == 1 else iters // 10)
+            rows.append({"batch": batch, "threads": threads, "dense_ms": d.p50, "latency_ms": p.p50,
+                         "speedup": d.p50 / p.p50})
+    return rows
+
+
+# --- pruning to the target ----------------------------------------------------------------------------
+
+def tp_pruner(model: nn.Module, example: torch.Tensor, kind: str, ratio: float, reg: float = 0.0):
+    """A Torch-Pruning pruner as its reproduction scripts set it up; ``ratio`` of channels to remove."""
+    common = dict(pruning_ratio=ratio, ignored_layers=output_layers(model), round_to=ROUND_TO)
+    if kind == "magnitude":
+        return tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1), **common)
+    if kind == "bnscale":
+        return tp.pruner.BNScalePruner(model, example, importance=tp.importance.BNScaleImportance(), reg=reg,
+                                       global_pruning=True, **common)
+    if kind == "groupnorm":
+        return tp.pruner.GroupNormPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                         reg=reg, global_pruning=True, **common)
+    if kind == "uniform":  # the same ratio in every layer, which channels does not matter (retrained)
+        return tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1), **common)
+    raise ValueError(f"unknown pruner {kind!r}")
+
+
+def prune_by_ratio_to(dense: nn.Module, example: torch.Tensor, kind: str, target: float, steps: int = 7):
+    """Bisect the pruner's ratio for the smallest one whose measured speedup (first setting) reaches
+    ``target``; the most pruned model tried if none does."""
+    shape = tuple(example.shape[1:])
+    low, high, best = 0.0, 0.95, None
+    for _ in range(steps):
+        ratio = (low + high) / 2
+        model = copy.deepcopy(dense)
+        tp_pruner(model, example, kind, ratio).step()
+        speedup = speedups(dense, model, shape, SETTINGS[:1], iters=100)[0]["speedup"]
+        if speedup >= target:
+            high, best = ratio, (model, ratio, speedup)
+        else:
+            low = ratio
+    if best is None:
+        model = copy.deepcopy(dense)
+        tp_pruner(model, example, kind, high).step()
+        best = (model, high, speedups(dense, model, shape, SETTINGS[:1], iters=100)[0]["speedup"])
+    return best
+
+
+def prune_to(model: nn.Module, method: Method, handle, example: torch.Tensor, target: float):
+    """The pruned copy of ``model`` at the target speedup, and notes on how it was reached."""
+    if method.library == "slimdeploy":
+        pruned, plan = sd.prune(model, example, scores=handle.scores(), how="latency", target_speedup=target,
+                                round_to=ROUND_TO)
+        return pruned, {"plan_speedup": plan.notes["latency"]["chosen"]["speedup"]}
+    # Torch-Pruning ranks by its own importance on the regularised model; the ratio is searched for
+    pruned, ratio, speedup = prune_by_ratio_to(model, example, method.pruner, target)
+    return pruned, {"pruning_ratio": ratio, "plan_speedup": speedup}
+
+
+# --- one method at one target -------------------------------------------------------------------------
+
+@dataclass
+class Data:
+    train: object
+    val: object
+    test: object
+    normalize: Normalize
+    shape: tuple
+
+
+def load_data(root: str, holdout: int) -> Data:
+    held = load_dataset(DataCfg(name="cifar10", root=root, holdout=holdout))
+    full = load_dataset(DataCfg(name="cifar10", root=root))
+    return Data(held.train, held.test, full.test, Normalize(held.mean, held.std, "cpu"), held.input_shape)
+
+
+def regularised(dense: nn.Module, method: Method, data: Data, budget: Budget):
+    """The dense model after the sparse phase of ``method``, and its sd.sparsify handle if any."""
+    model = copy.deepcopy(dense)
+    if method.library == "slimdeploy":
+        handle = train(model, data.train, data.normalize, budget.sparse_epochs, budget,
+                       sparsify=sparsify_kwargs(method))
+        handle.remove()
+        return model, handle
+    regularize = None
+    if method.pruner in ("bnscale", "groupnorm"):
+        example = torch.randn(1, *data.shape)
+        pruner = tp_pruner(model, example, method.pruner, 0.5, reg=method.lam)
+        pruner.update_regularizer()
+        regularize = pruner.regularize
+    train(model, data.train, data.normalize, budget.sparse_epochs, budget, regularize=regularize)
+    return model, None
+
+
+def run_uniform(dense: nn.Module, data: Data, budget: Budget, target: float, scratch_epochs: int) -> dict:
+    example = torch.randn(1, *data.shape)
+    thin, ratio, _ = prune_by_ratio_to(dense, example, "uniform", target)
+    for module in thin.modules():  # trained from scratch: the width is what is compared, not the weights
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    epochs = scratch_epochs + budget.sparse_epochs + budget.finetune_epochs
+    train(thin, data.train, data.normalize, epochs, budget, lr=0.2)
+    return row_for(dense, thin, data, accuracy_no_ft=None, extra={"pruning_ratio": ratio, "epochs": epochs})
+
+
+def row_for(dense: nn.Module, pruned: nn.Module, data: Data, accuracy_no_ft, extra: dict) -> dict:
+    timed = speedups(dense, pruned, data.shape)
+    return {"accuracy_no_ft": accuracy_no_ft, "accuracy": top1(pruned, data.test, data.normalize, 500),
+            "latency_ms": timed[0]["latency_ms"], "speedup": timed[0]["speedup"], "timings": timed,
+            "macs": count_macs(pruned, data.shape), "params": count_params(pruned), **extra}
+
+
+def search_lam(dense, method: Method, data: Data, budget: Budget, grid: list[float], target: float) -> tuple:
+    """The grid value of λ with the best validation accuracy right after pruning to ``target``."""
+    trials = []
+    example = torch.randn(8, *data.shape)
+    for scale in grid:
+        trial = method.with_lam(method.lam * scale)
+        model, handle = regularised(dense, trial, data, budget)
+        try:
+            pruned, _ = prune_to(model, trial, handle, example, target)
+            val = top1(pruned, data.val, data.normalize, 500)
+        except SlimdeployError as err:  # e.g. a target out of reach: this λ scores nothing
+            val = float("nan")
+            print(f"  {method.name} λ={trial.lam:g}: {err}")
+        trials.append({"lam": trial.lam, "val_accuracy_no_ft": val})
+        print(f"  {method.name} λ={trial.lam:g}: validation {val:.2f} % right after pruning to {target}x")
+    best = max(trials, key=lambda t: -1 if math.isnan(t["val_accuracy_no_ft"]) else t["val_accuracy_no_ft"])
+    return method.with_lam(best["lam"]), trials
+
+
+def run_method(dense, method: Method, data: Data, budget: Budget, targets, grid, scratch_epochs) -> list[dict]:
+    base = {"method": method.name, "library": method.library, "budget": asdict(budget)}
+    if method.library == "uniform":
+        return [base | {"target": t} | run_uniform(dense, data, budget, t, scratch_epochs) for t in targets]
+    trials = []
+    if method.lam and len(grid) > 1:
+        method, trials = search_lam(dense, method, data, budget, grid, max(targets))
+    model, handle = regularised(dense, method, data, budget)
+    rows, example = [], torch.randn(8, *data.shape)
+    for target in targets:
+        pruned, notes = prune_to(model, method, handle, example, target)
+        no_ft = top1(pruned, data.test, data.normalize, 500)
+        train(pruned, data.train, data.normalize, budget.finetune_epochs, budget)
+        rows.append(base | {"target": target, "lam": method.lam, "search": trials}
+                    | row_for(dense, pruned, data, no_ft, notes))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dense", required=True, help="state_dict of the trained dense model (a run's dense.pt)")
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--data", required=True, help="folder holding cifar-10-batches-py/")
+    ap.add_argument("--holdout", type=int, default=5000, help="validation images held out of training")
+    ap.add_argument("--out", default="docs/results/comparison.json")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--targets", nargs="+", type=float, default=[1.5, 1.7])
+    ap.add_argument("--grid", nargs="+", type=float, default=[0.3, 1.0, 3.0], help="λ multipliers searched")
+    ap.add_argument("--sparse-epochs", type=int, default=Budget.sparse_epochs)
+    ap.add_argument("--finetune-epochs", type=int, default=Budget.finetune_epochs)
+    ap.add_argument("--scratch-epochs", type=int, default=15, help="the dense model's own epochs (uniform)")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    budget = Budget(args.sparse_epochs, args.finetune_epochs)
+    data = load_data(args.data, args.holdout)
+    dense = build_model(args.model, 10)
+    dense.load_state_dict(torch.load(args.dense, weights_only=True, map_location="cpu"))
+    dense.eval()
+    out = Path(args.out)
+    rows = json.loads(out.read_text()) if out.is_file() else []
+    if not any(r["method"] == "dense" for r in rows):
+        rows.append({"method": "dense", "library": "dense", "target": 1.0, "accuracy_no_ft": None,
+                     "accuracy": top1(dense, data.test, data.normalize, 500),
+                     "latency_ms": speedups(dense, dense, data.shape, SETTINGS[:1])[0]["dense_ms"], "speedup": 1.0,
+                     "macs": count_macs(dense, data.shape), "params": count_params(dense)})
+    for name in args.methods:
+        if any(r["method"] == name for r in rows):
+            print(f"{name}: in {out} already")
+            continue
+        start = time.perf_counter()
+        new = run_method(dense, METHODS[name], data, budget, args.targets, args.grid, args.scratch_epochs)
+        for row in new:
+            row["wall_s"] = round(time.perf_counter() - start)
+            print(f"{name} {row['target']}x: {row['accuracy_no_ft']} % no FT, {row['accuracy']:.2f} % fine-tuned, "
+                  f"{row['speedup']:.2f}x measured, {row['macs'] / 1e6:.1f} M MACs")
+        rows += new
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

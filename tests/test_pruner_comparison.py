@@ -1,0 +1,70 @@
+"""The pruner comparison harness (benchmarks/pruner_comparison.py) on synthetic data: every kind of method
+goes through the same loop to a measured target and gives a complete row."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import trained_like
+from slimdeploy import ortbench
+from slimdeploy.data import Normalize, make_synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW_KEYS = {"method", "library", "target", "accuracy_no_ft", "accuracy", "latency_ms", "speedup", "macs", "params"}
+
+
+@pytest.fixture(scope="module")
+def harness():
+    spec = importlib.util.spec_from_file_location("pruner_comparison", ROOT / "benchmarks" / "pruner_comparison.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def sized_timing(monkeypatch):
+    """Deterministic stand-in for onnxruntime timing: latency proportional to the ONNX file's size."""
+    def timing(models, batch=1, *args, **kwargs):
+        sizes = [len(m) if isinstance(m, bytes) else Path(m).stat().st_size for m in models]
+        return [ortbench.latency_stats([1e-4 * size * batch] * 3, batch, 1) for size in sizes]
+
+    monkeypatch.setattr(ortbench, "time_sessions", timing)
+
+
+@pytest.fixture(scope="module")
+def data(harness):
+    synthetic = make_synthetic(train_size=96, test_size=32)
+    return harness.Data(synthetic.train, synthetic.test, synthetic.test,
+                        Normalize(synthetic.mean, synthetic.std, "cpu"), synthetic.input_shape)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, grid", [("l1", [0.5, 1.0]), ("bnscale", [1.0]), ("uniform", [1.0])])
+def test_each_library_reaches_the_target_with_a_complete_row(harness, data, sized_timing, name, grid, tmp_path,
+                                                            monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the latency table's cache
+    dense = trained_like("resnet20")
+    budget = harness.Budget(sparse_epochs=1, finetune_epochs=1, batch=32)
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    rows = harness.run_method(dense, harness.METHODS[name], data, budget, targets=[1.3], grid=grid,
+                              scratch_epochs=1)
+    assert all(torch.equal(v, before[k]) for k, v in dense.state_dict().items())  # the start stays untouched
+    (row,) = rows
+    assert ROW_KEYS <= row.keys() and row["method"] == name and row["target"] == 1.3
+    # the stand-in timing is exact, so the target is met (within the latency loop's tolerance)
+    assert row["speedup"] >= 1.3 * 0.95 and row["macs"] < harness.count_macs(dense, data.shape)
+    assert 0 <= row["accuracy"] <= 100
+    assert row["accuracy_no_ft"] is None if name == "uniform" else 0 <= row["accuracy_no_ft"] <= 100
+    if len(grid) > 1:  # the λ search ran on the validation split, over the whole grid
+        assert [t["lam"] for t in row["search"]] == [harness.METHODS[name].lam * s for s in grid]
+        assert row["lam"] in [t["lam"] for t in row["search"]]
+
+
+def test_mcp_and_scad_reach_every_gamma_below_one(harness):
+    for name in ("mcp", "scad"):
+        kwargs = harness.sparsify_kwargs(harness.METHODS[name].with_lam(0.02))
+        assert kwargs["a"] * kwargs["lam"] >= 1.0
