@@ -16,7 +16,9 @@ import slimdeploy as sd
 from helpers import tiny_recipe, trained_like
 from slimdeploy import executorch_export, pipeline, runtimes
 from slimdeploy.bench import count_params
+from slimdeploy.data import Normalize, make_synthetic
 from slimdeploy.export import ExportError, ExportMismatchError, export_onnx
+from slimdeploy.models import build_model
 from slimdeploy.recipe import RecipeError, build_recipe
 
 SHAPE = (3, 16, 16)
@@ -153,6 +155,97 @@ def test_a_program_planned_below_the_batch_asked_for_is_refused(executorch, tmp_
                        f"{MAX_BATCH} asked for"):
         executorch_export.export_pte(TinyResidual().eval(), tmp_path / "small.pte", SHAPE, MAX_BATCH)
     assert not (tmp_path / "small.pte").exists()
+
+
+INT8_SHAPE = (3, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def int8_programs(executorch, tmp_path_factory):
+    """A ResNet-20 trained briefly on synthetic 8 px images (a random one predicts the same class for
+    every input, so top-1 agreement would test nothing), in channels_last as the pipeline trains it;
+    its test and calibration images, and its FP32 and INT8 programs."""
+    torch.manual_seed(0)
+    data = make_synthetic(num_classes=10, image_size=INT8_SHAPE[1], train_size=256, test_size=128, seed=0)
+    normalize = Normalize(data.mean, data.std, "cpu", channels_last=True)
+    model, train_images = build_model("resnet20", 10), normalize(data.train.images)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(4):
+        for x, y in zip(train_images.split(32), data.train.labels.split(32)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    model = model.eval().to(memory_format=torch.channels_last)
+    test_images = normalize(data.test.images)
+    with torch.no_grad():
+        predicted = model(test_images).argmax(1)
+    assert (predicted == data.test.labels).float().mean() > 0.6 and predicted.unique().numel() >= 5
+    out = tmp_path_factory.mktemp("int8")
+    calibration = train_images[:64]  # 17 + 17 + 17 + 13: calibrated in batches the program takes
+    fp32 = executorch_export.export_pte(model, out / "fp32.pte", INT8_SHAPE, MAX_BATCH)
+    int8 = executorch_export.export_pte_int8(model, out / "int8.pte", INT8_SHAPE, MAX_BATCH, calibration)
+    return model, test_images, calibration, fp32, int8
+
+
+def _run_in_batches(loaded, images: torch.Tensor) -> np.ndarray:
+    return np.concatenate([loaded.run(x.contiguous().numpy()) for x in images.split(loaded.max_batch)])
+
+
+def _agreement_and_error(model, path, images) -> tuple[float, float]:
+    """Top-1 agreement of the program with `model`, and its max |logit error| / max |logit|."""
+    with torch.no_grad():
+        expected = model(images).numpy()
+    got = _run_in_batches(runtimes.ExecuTorch.load(path, threads=1), images)
+    agreement = float((got.argmax(1) == expected.argmax(1)).mean())
+    return agreement, float(np.abs(got - expected).max() / np.abs(expected).max())
+
+
+@pytest.mark.slow
+def test_int8_program_agrees_with_the_float_model(int8_programs):
+    model, images, _, _, int8 = int8_programs
+    agreement, error = _agreement_and_error(model, int8, images)
+    assert agreement >= 0.9 and error <= 0.1
+    assert error > 1e-4  # computed in INT8, not float32
+    loaded = runtimes.ExecuTorch.load(int8, threads=1)
+    assert loaded.max_batch == MAX_BATCH
+    np.testing.assert_allclose(loaded.run(images[:1].contiguous().numpy()), _run_in_batches(loaded, images)[:1],
+                               rtol=0, atol=1e-5)  # batch 1 computes what a full batch does
+
+
+@pytest.mark.slow
+def test_int8_program_is_under_half_the_float_one(int8_programs):
+    *_, fp32, int8 = int8_programs
+    assert int8.stat().st_size < 0.5 * fp32.stat().st_size
+    assert sorted(p.name for p in int8.parent.iterdir()) == ["fp32.pte", "int8.pte"]  # no temp files
+
+
+@pytest.mark.slow
+def test_int8_activation_ranges_come_from_the_calibration_images(int8_programs, tmp_path):
+    # calibrated on images 20x too faint, the activation ranges clip the real inputs
+    model, images, calibration, _, _ = int8_programs
+    narrow = executorch_export.export_pte_int8(model, tmp_path / "narrow.pte", INT8_SHAPE, MAX_BATCH,
+                                               calibration * 0.05)
+    agreement, error = _agreement_and_error(model, narrow, images)
+    assert agreement < 0.5 and error > 0.5
+
+
+@pytest.mark.parametrize("calibration, got", [
+    (torch.randn(4, 3, 8, 8), "torch.float32 (4, 3, 8, 8)"),
+    (torch.zeros(0, *SHAPE), "torch.float32 (0, 3, 16, 16)"),
+    (torch.zeros(4, *SHAPE, dtype=torch.uint8), "torch.uint8 (4, 3, 16, 16)"),
+])
+def test_bad_calibration_is_one_line(tmp_path, calibration, got):
+    with pytest.raises(ValueError) as err:
+        executorch_export.export_pte_int8(TinyResidual().eval(), tmp_path / "q.pte", SHAPE, 4, calibration)
+    assert str(err.value) == f"calibration must be a float tensor of shape (N, 3, 16, 16) with N >= 1, got {got}"
+    assert not list(tmp_path.iterdir())
+
+
+def test_model_int8_export_cannot_trace_is_one_line(executorch, tmp_path):
+    with pytest.raises(ExportError, match=r"DataDependent \(input 3x16x16\) -> bad.pte: ExecuTorch INT8 export "
+                       r"failed") as err:
+        executorch_export.export_pte_int8(DataDependent(), tmp_path / "bad.pte", SHAPE, 2, torch.randn(4, *SHAPE))
+    assert "\n" not in str(err.value) and not list(tmp_path.iterdir())
 
 
 def test_onnx_runtimes_load_the_onnx_file_itself(tmp_path):
