@@ -222,25 +222,20 @@ def export_stage(ctx: RunContext, models: ModelPair) -> ExportSummary:
                          dense_max_abs_logit=d.max_abs_logit, session=p.session)
 
 
-def _onnx_accuracy(ctx: RunContext, runtime: str, path: Path) -> float:
-    """Top-1 accuracy (%) of an ONNX model in ``runtime`` over the whole test split."""
+def _accuracy_in(ctx: RunContext, runtime: str, path: Path) -> float:
+    """Top-1 accuracy (%) of the file ``runtime`` loads over the whole test split."""
     loaded = runtimes.RUNTIMES.get(runtime).load(path, _threads(0))
-    return top1(loaded.run, ctx.data.test, ctx.normalize, 256)
+    return top1(loaded.run, ctx.data.test, ctx.normalize, min(256, getattr(loaded, "max_batch", 256)))
 
 
-def _int8_runtimes(ctx: RunContext) -> list[str]:
-    """The bench runtimes that load the INT8 ONNX files as they are; the others need INT8 programs of
-    their own."""
-    return [name for name in ctx.recipe.bench.runtimes if runtimes.RUNTIMES.get(name).reads_onnx]
-
-
-def _int8_model(ctx: RunContext, fp32: Path, int8: Path) -> Int8Model:
-    """onnxruntime, which quantized the file, gives the accuracy of record; every other runtime its own."""
-    others = [name for name in _int8_runtimes(ctx) if name != "onnxruntime"]
+def _int8_model(ctx: RunContext, fp32: Path, int8: Path, int8_files: dict[str, Path]) -> Int8Model:
+    """onnxruntime, which quantized the file, gives the accuracy of record; every other runtime its own
+    (of the QDQ file, or of its own INT8 program)."""
     return Int8Model(onnx=str(int8), onnx_bytes=bench.file_size(int8),
-                     accuracy=_onnx_accuracy(ctx, "onnxruntime", int8),
-                     fp32_accuracy=_onnx_accuracy(ctx, "onnxruntime", fp32),
-                     accuracy_by_runtime={name: _onnx_accuracy(ctx, name, int8) for name in others})
+                     accuracy=_accuracy_in(ctx, "onnxruntime", int8),
+                     fp32_accuracy=_accuracy_in(ctx, "onnxruntime", fp32),
+                     accuracy_by_runtime={name: _accuracy_in(ctx, name, path)
+                                          for name, path in int8_files.items() if name != "onnxruntime"})
 
 
 def _int8_latency(ctx: RunContext, runtime: str, paths: list[Path], setting) -> Int8LatencyRow:
@@ -256,30 +251,37 @@ def _int8_latency(ctx: RunContext, runtime: str, paths: list[Path], setting) -> 
                           speedup_vs_fp32=Speedup(dense32.p50 / dense8.p50, pruned32.p50 / pruned8.p50))
 
 
-def int8_stage(ctx: RunContext) -> Int8Summary:
+def int8_stage(ctx: RunContext, models: ModelPair, files: dict[str, list[Path]]) -> Int8Summary:
     """Both ONNX models quantized for the recipe's INT8 target; accuracy and latency beside FP32 in every
-    bench runtime that reads the ONNX files."""
+    bench runtime (``files``: each runtime's FP32 files, dense and pruned)."""
     cfg = ctx.recipe.export
     target = export.resolve_int8_target(cfg.int8_target)
     types = export.int8_types(target)
-    calib = _cpu_batch(ctx.normalize, ctx.data.train, cfg.int8_calibration_images).numpy()
+    calib = _cpu_batch(ctx.normalize, ctx.data.train, cfg.int8_calibration_images)
     fp32 = ctx.run_dir.onnx_files()
-    int8 = [export.quantize_int8(path, ctx.run_dir.int8_onnx(name), calib, method=cfg.int8_calibration, **types)
-            for name, path in zip(MODELS, fp32)]
-    dense, pruned = [_int8_model(ctx, path32, path8) for path32, path8 in zip(fp32, int8)]
+    int8 = [export.quantize_int8(path, ctx.run_dir.int8_onnx(name), calib.numpy(), method=cfg.int8_calibration,
+                                 **types) for name, path in zip(MODELS, fp32)]
+    max_batch = max(s.batch for s in ctx.recipe.bench.settings)
+    int8_files = {name: [runtimes.RUNTIMES.get(name).prepare_int8(model, path, ctx.data.input_shape, max_batch,
+                                                                  calib) for model, path in zip(models, int8)]
+                  for name in ctx.recipe.bench.runtimes}
+    dense, pruned = [_int8_model(ctx, fp32[k], int8[k], {name: paths[k] for name, paths in int8_files.items()})
+                     for k in range(len(MODELS))]
+    fp32_files = {"onnxruntime": fp32, **files}
     return Int8Summary(
         target=target, **types, format="QDQ, per-channel weights", calibration=cfg.int8_calibration,
         calibration_images=len(calib),
-        latency=[_int8_latency(ctx, runtime, fp32 + int8, setting)
-                 for setting in ctx.recipe.bench.settings for runtime in _int8_runtimes(ctx)],
+        latency=[_int8_latency(ctx, runtime, fp32_files[runtime] + int8_files[runtime], setting)
+                 for setting in ctx.recipe.bench.settings for runtime in ctx.recipe.bench.runtimes],
         dense=dense, pruned=pruned,
     )
 
 
-def export_format_stage(ctx: RunContext, export_format: str | None) -> Int8Summary | None:
+def export_format_stage(ctx: RunContext, export_format: str | None, models: ModelPair,
+                        files: dict[str, list[Path]]) -> Int8Summary | None:
     """The --export format's own stage, which slimdeploy.exports names; None for a format without one."""
     stage = EXPORTS.get(export_format) if export_format else None
-    return imports.resolve(stage, f"--export {export_format}")(ctx) if stage else None
+    return imports.resolve(stage, f"--export {export_format}")(ctx, models, files) if stage else None
 
 
 def _model_summary(model: nn.Module, shape, accuracy: float | None, onnx_path: Path | None,
@@ -422,7 +424,7 @@ def _run(ctx: RunContext, recipe_name: str, export_format: str | None) -> RunRes
     files = _runtime_files(ctx, models, onnx_paths)
     runtime_checks = _verify_runtimes(ctx, models, files)
     latency = benchmark_stage(ctx, models, onnx_paths, files)
-    int8 = export_format_stage(ctx, export_format)
+    int8 = export_format_stage(ctx, export_format, models, files)
 
     accuracies = (sparse.accuracy, finetuned.accuracy if finetuned else pruning.accuracy)
     dense_summary, pruned_summary = _model_summaries(ctx, models, accuracies, onnx_paths, latency)

@@ -1,9 +1,9 @@
 """Inference runtimes that run the exported models: onnxruntime and OpenVINO read the ONNX files,
 ExecuTorch runs a .pte program exported beside them.
 
-Every runtime in `RUNTIMES` has the same face: ``available()``, ``reads_onnx`` (it loads the ONNX files
-themselves, so the INT8 ones too), ``prepare(model, onnx_path, input_shape, max_batch)`` giving the file it
-loads, ``load(path, threads)`` giving a loaded model with ``run(inputs) -> logits`` and ``describe()``
+Every runtime in `RUNTIMES` has the same face: ``available()``, ``prepare(model, onnx_path, input_shape,
+max_batch)`` giving the file it loads, ``prepare_int8(model, int8_onnx_path, input_shape, max_batch,
+calibration)`` the same for INT8 (the QDQ file itself, or a program quantized on its own), ``load(path, threads)`` giving a loaded model with ``run(inputs) -> logits`` and ``describe()``
 (version, device, the inference precision actually used, threads). `verify` checks a loaded model against
 PyTorch, `time_models` times loaded models interleaved as `ortbench.time_sessions` does (`load_interleaved`
 loads them for it).
@@ -34,13 +34,19 @@ def _onnx_file(model: nn.Module, onnx_path, input_shape: tuple[int, ...], max_ba
     return Path(onnx_path)
 
 
+def _int8_onnx_file(model: nn.Module, int8_onnx_path, input_shape: tuple[int, ...], max_batch: int,
+                    calibration: torch.Tensor) -> Path:
+    """A runtime that reads ONNX runs the quantized (QDQ) file as it is, with its own INT8 kernels."""
+    return Path(int8_onnx_path)
+
+
 class OnnxRuntime:
     """onnxruntime in a session set up by an `ortbench.SessionConfig`."""
 
     name = "onnxruntime"
     install_hint = "pip install onnxruntime"
-    reads_onnx = True  # the INT8 (QDQ) files included
     prepare = staticmethod(_onnx_file)
+    prepare_int8 = staticmethod(_int8_onnx_file)
 
     def __init__(self, path, config: SessionConfig):
         self.path, self.config = path, config
@@ -69,8 +75,8 @@ class OpenVino:
 
     name = "openvino"
     install_hint = "pip install openvino"
-    reads_onnx = True  # QDQ nodes become its own INT8 kernels
     prepare = staticmethod(_onnx_file)
+    prepare_int8 = staticmethod(_int8_onnx_file)  # QDQ nodes become its own INT8 kernels
 
     def __init__(self, path, threads: int):
         import openvino as ov
@@ -149,7 +155,6 @@ class ExecuTorch:
 
     name = "executorch"
     install_hint = "pip install -e .[executorch]"
-    reads_onnx = False  # an INT8 model needs a program of its own
 
     def __init__(self, path, threads: int):
         from executorch.runtime import Runtime
@@ -179,6 +184,14 @@ class ExecuTorch:
         from slimdeploy.executorch_export import export_pte, pte_path
 
         return export_pte(model, pte_path(onnx_path), input_shape, max_batch)
+
+    @staticmethod
+    def prepare_int8(model: nn.Module, int8_onnx_path, input_shape: tuple[int, ...], max_batch: int,
+                     calibration: torch.Tensor) -> Path:
+        """A program quantized by XNNPACK's own quantizer on the same calibration images (dense.int8.pte)."""
+        from slimdeploy.executorch_export import export_pte_int8, pte_path
+
+        return export_pte_int8(model, pte_path(int8_onnx_path), input_shape, max_batch, calibration)
 
     @classmethod
     def load(cls, path, threads: int) -> "ExecuTorch":

@@ -2,7 +2,6 @@
 
 import json
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -212,7 +211,7 @@ def test_int8_stage_reports_types_accuracy_and_speedup(trained, tmp_path):
                                "export.int8_calibration_images=48", "bench.iters=3", "bench.warmup=0",
                                "bench.settings=[{batch: 2, threads: 1}]"])
     ctx = pipeline.RunContext(recipe, pipeline.RunDir(tmp_path), data, normalize, progress=False)
-    q = json.loads(json.dumps(pipeline.int8_stage(ctx).to_json()))
+    q = json.loads(json.dumps(pipeline.int8_stage(ctx, pipeline.ModelPair(net, net), {}).to_json()))
 
     assert (q["target"], q["activation"], q["weights"]) == ("arm", "int8", "int8")
     assert (q["calibration"], q["calibration_images"]) == ("percentile", 48)
@@ -238,11 +237,25 @@ def test_onnxruntime_models_timed_together_do_not_spin(tmp_path):
     assert alone.describe()["intra_op_spinning"] is True
 
 
-def test_int8_runs_in_the_bench_runtimes_that_read_onnx():
-    pytest.importorskip("openvino", reason="openvino is not installed (pip install openvino)")
+@pytest.mark.slow
+def test_executorch_gets_an_int8_program_of_its_own(trained, tmp_path):
     pytest.importorskip("executorch.runtime", reason="executorch is not installed (pip install -e .[executorch])")
-    recipe = build_recipe({}, ["bench.runtimes=[executorch, openvino, onnxruntime]"])
-    assert pipeline._int8_runtimes(SimpleNamespace(recipe=recipe)) == ["openvino", "onnxruntime"]
+    net, path, data, normalize = trained
+    models = pipeline.ModelPair(net, net)
+    fp32 = [runtimes.prepare("executorch", net, export_onnx(net, tmp_path / f"{name}.onnx", SHAPE), SHAPE, 2)
+            for name in ("dense", "pruned")]
+    recipe = build_recipe({}, ["export.int8_calibration_images=32", "bench.iters=3", "bench.warmup=0",
+                               "bench.settings=[{batch: 2, threads: 1}]", "bench.runtimes=[executorch, onnxruntime]"])
+    ctx = pipeline.RunContext(recipe, pipeline.RunDir(tmp_path), data, normalize, progress=False)
+    q = pipeline.int8_stage(ctx, models, {"executorch": fp32})
+
+    assert (tmp_path / "dense.int8.pte").is_file() and (tmp_path / "pruned.int8.pte").is_file()
+    assert [row.backend for row in q.latency] == ["executorch", "onnxruntime"]
+    et = q.latency[0]
+    assert et.session["runtime"] == "executorch" and np.isfinite([et.dense.p50, et.pruned.p50]).all()
+    for side in (q.dense, q.pruned):  # XNNPACK's INT8 program keeps about the accuracy of the FP32 file
+        assert set(side.accuracy_by_runtime) == {"executorch"}
+        assert abs(side.accuracy_by_runtime["executorch"] - side.fp32_accuracy) <= 5
 
 
 @pytest.mark.slow
