@@ -45,7 +45,7 @@ import slimdeploy as sd
 from slimdeploy import ortbench
 from slimdeploy.accuracy import top1
 from slimdeploy.bench import count_macs, count_params
-from slimdeploy.data import Normalize, load_dataset, steps_per_epoch, train_batches
+from slimdeploy.data import Normalize, first_images, load_dataset, steps_per_epoch, train_batches
 from slimdeploy.errors import SlimdeployError
 from slimdeploy.export import export_onnx
 from slimdeploy.graph import output_layers
@@ -208,6 +208,11 @@ def load_data(root: str, holdout: int) -> Data:
     return Data(held.train, held.test, full.test, Normalize(held.mean, held.std, "cpu"), held.input_shape)
 
 
+def calibration_images(data: Data, n: int = 64) -> torch.Tensor:
+    """Training images, as the model sees them: sd.prune measures on them what removed channels contribute."""
+    return data.normalize(first_images(data.train, n))
+
+
 def regularised(dense: nn.Module, method: Method, data: Data, budget: Budget):
     """The dense model after the sparse phase of ``method``, and its sd.sparsify handle if any."""
     model = copy.deepcopy(dense)
@@ -247,7 +252,7 @@ def row_for(dense: nn.Module, pruned: nn.Module, data: Data, accuracy_no_ft, ext
 def search_lam(dense, method: Method, data: Data, budget: Budget, grid: list[float], target: float) -> tuple:
     """The grid value of λ with the best validation accuracy right after pruning to ``target``."""
     trials = []
-    example = torch.randn(8, *data.shape)
+    example = calibration_images(data)
     for scale in grid:
         trial = method.with_lam(method.lam * scale)
         model, handle = regularised(dense, trial, data, budget)
@@ -271,7 +276,7 @@ def run_method(dense, method: Method, data: Data, budget: Budget, targets, grid,
     if method.lam and len(grid) > 1:
         method, trials = search_lam(dense, method, data, budget, grid, max(targets))
     model, handle = regularised(dense, method, data, budget)
-    rows, example = [], torch.randn(8, *data.shape)
+    rows, example = [], calibration_images(data)
     for target in targets:
         pruned, notes = prune_to(model, method, handle, example, target)
         no_ft = top1(pruned, data.test, data.normalize, 500)
