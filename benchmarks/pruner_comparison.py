@@ -23,6 +23,7 @@ gets the same grid. Rows are appended to ``--out`` as they finish; a rerun skips
 
     tools/venv python benchmarks/pruner_comparison.py --dense runs/r20_dense/dense.pt --data /tmp/cifar \\
         --out docs/results/comparison.json [--methods l1 bnscale ...] [--targets 1.5 1.7]
+    tools/venv python benchmarks/pruner_comparison.py --out docs/results/comparison.json --publish docs/results.md
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from slimdeploy.export import export_onnx
 from slimdeploy.graph import output_layers
 from slimdeploy.models import build_model
 from slimdeploy.recipe import DataCfg
+from slimdeploy.report import markers, write_marked
 
 ROUND_TO = 16  # the AVX-512 SIMD block: every method's widths are aligned alike
 SETTINGS = ((1, 1), (64, 2))  # (batch, threads): the target's setting first
@@ -286,11 +288,70 @@ def run_method(dense, method: Method, data: Data, budget: Budget, targets, grid,
     return rows
 
 
+# --- publishing -----------------------------------------------------------------------------------------
+
+LIBRARY_STYLE = {"slimdeploy": ("tab:blue", "o"), "torch-pruning": ("tab:orange", "s"), "uniform": ("tab:green", "^"),
+                 "dense": ("black", "*")}
+
+
+def table(rows: list[dict]) -> str:
+    """The Markdown table of the rows, by target, best fine-tuned accuracy first."""
+    def pct(value):
+        return "–" if value is None else f"{value:.2f}"
+
+    lines = ["| target | method | library | acc. right after pruning (%) | acc. fine-tuned (%) | b1/1t (ms) | "
+             "speedup b1/1t | speedup b64/2t | MACs (M) | params (k) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda r: (r["target"], -r["accuracy"])):
+        b64 = next((t["speedup"] for t in row.get("timings", []) if t["batch"] == 64), None)
+        lines.append(f"| {row['target']:g}× | {row['method']} | {row['library']} | {pct(row['accuracy_no_ft'])} | "
+                     f"{row['accuracy']:.2f} | {row['latency_ms']:.3f} | {row['speedup']:.2f}× | "
+                     f"{'–' if b64 is None else f'{b64:.2f}×'} | {row['macs'] / 1e6:.1f} | {row['params'] / 1e3:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(rows: list[dict], path: Path) -> Path:
+    """Accuracy after fine-tuning against measured latency (b1/1t), one marker style per library."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for library, (color, marker) in LIBRARY_STYLE.items():
+        mine = [r for r in rows if r["library"] == library]
+        if mine:
+            ax.scatter([r["latency_ms"] for r in mine], [r["accuracy"] for r in mine], c=color, marker=marker,
+                       label=library)
+        for r in mine:
+            ax.annotate(f"{r['method']} {r['target']:g}×", (r["latency_ms"], r["accuracy"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("onnxruntime latency, batch 1, 1 thread (ms)")
+    ax.set_ylabel("top-1 after fine-tuning (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def publish(rows: list[dict], markdown: Path, figure: Path) -> None:
+    """The table into the ``pruners`` block of ``markdown`` (which must have one: the rest of the document is
+    written by hand), and the Pareto plot to ``figure``."""
+    begin, end = markers("pruners")
+    if not (markdown.is_file() and begin in markdown.read_text() and end in markdown.read_text()):
+        raise SystemExit(f"{markdown}: needs a block between {begin} and {end} for the table")
+    plot_pareto(rows, figure)
+    write_marked(markdown, table(rows), name="pruners")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dense", required=True, help="state_dict of the trained dense model (a run's dense.pt)")
+    ap.add_argument("--publish", metavar="MARKDOWN", help="only render --out: its table into this document's "
+                    "pruners block, its Pareto plot beside the JSON (pruners_pareto.png)")
+    ap.add_argument("--dense", help="state_dict of the trained dense model (a run's dense.pt)")
     ap.add_argument("--model", default="resnet20")
-    ap.add_argument("--data", required=True, help="folder holding cifar-10-batches-py/")
+    ap.add_argument("--data", help="folder holding cifar-10-batches-py/")
     ap.add_argument("--holdout", type=int, default=5000, help="validation images held out of training")
     ap.add_argument("--out", default="docs/results/comparison.json")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -300,6 +361,12 @@ def main():
     ap.add_argument("--finetune-epochs", type=int, default=Budget.finetune_epochs)
     ap.add_argument("--scratch-epochs", type=int, default=15, help="the dense model's own epochs (uniform)")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.publish:
+        publish(json.loads(out.read_text()), Path(args.publish), out.parent / "pruners_pareto.png")
+        return
+    if not (args.dense and args.data):
+        ap.error("--dense and --data are needed to run the comparison")
 
     torch.manual_seed(0)
     budget = Budget(args.sparse_epochs, args.finetune_epochs)
@@ -307,7 +374,6 @@ def main():
     dense = build_model(args.model, 10)
     dense.load_state_dict(torch.load(args.dense, weights_only=True, map_location="cpu"))
     dense.eval()
-    out = Path(args.out)
     rows = json.loads(out.read_text()) if out.is_file() else []
     if not any(r["method"] == "dense" for r in rows):
         rows.append({"method": "dense", "library": "dense", "target": 1.0, "accuracy_no_ft": None,

@@ -160,7 +160,13 @@ def markdown(report: RunReport, figures: list[str]) -> str:
 
 Run = tuple[str, RunReport]  # a run's name (its folder or file stem) and its report
 
-BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
+
+def markers(name: str) -> tuple[str, str]:
+    """The comments that fence a generated block of a hand-written Markdown document."""
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+BEGIN, END = markers("compare")
 
 
 def sparsity_label(s: SparsitySummary) -> str:
@@ -254,10 +260,11 @@ def plot_comparison(runs: list[Run], out_dir: Path) -> list[Path]:
     return written
 
 
-def write_marked(path: Path, text: str) -> None:
-    """Replace the block between the compare markers of an existing document, or write ``text`` alone."""
+def write_marked(path: Path, text: str, name: str = "compare") -> None:
+    """Replace the block between the ``name`` markers of an existing document, or write ``text`` alone."""
+    begin, end = markers(name)
     doc = path.read_text() if path.is_file() else ""
-    if BEGIN in doc and END in doc:
-        block = f"{BEGIN}\n{text}{END}"
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, doc, count=1, flags=re.S)
+    if begin in doc and end in doc:
+        block = f"{begin}\n{text}{end}"
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, doc, count=1, flags=re.S)
     path.write_text(text)

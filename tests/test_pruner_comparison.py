@@ -68,3 +68,29 @@ def test_mcp_and_scad_reach_every_gamma_below_one(harness):
     for name in ("mcp", "scad"):
         kwargs = harness.sparsify_kwargs(harness.METHODS[name].with_lam(0.02))
         assert kwargs["a"] * kwargs["lam"] >= 1.0
+
+
+def test_publish_fills_the_pruners_block_and_draws_the_pareto_plot(harness, tmp_path):
+    rows = [{"method": m, "library": lib, "target": t, "accuracy_no_ft": no_ft, "accuracy": acc, "latency_ms": ms,
+             "speedup": 1.0 / ms, "macs": 20e6, "params": 1e5,
+             "timings": [{"batch": 1, "speedup": 1.0 / ms}, {"batch": 64, "speedup": 1.1 / ms}]}
+            for m, lib, t, no_ft, acc, ms in [("l1", "slimdeploy", 1.5, 80.0, 88.5, 0.66),
+                                              ("bnscale", "torch-pruning", 1.5, 10.0, 89.25, 0.65),
+                                              ("uniform", "uniform", 1.5, None, 87.0, 0.67)]]
+    doc = tmp_path / "results.md"
+    doc.write_text("intro\n<!-- pruners:begin -->\nstale\n<!-- pruners:end -->\noutro\n")
+    harness.publish(rows, doc, tmp_path / "pareto.png")
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "stale" not in text
+    lines = [line for line in text.splitlines() if line.startswith("| 1.5×")]
+    assert [line.split(" | ")[1] for line in lines] == ["bnscale", "l1", "uniform"]  # best accuracy first
+    assert "| 10.00 | 89.25 | 0.650 | 1.54× | 1.69× |" in lines[0] and "| – | 87.00 |" in lines[2]
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000
+
+
+def test_publish_refuses_a_document_without_the_pruners_block(harness, tmp_path):
+    doc = tmp_path / "results.md"
+    doc.write_text("hand-written results\n")
+    with pytest.raises(SystemExit, match="results.md: needs a block between <!-- pruners:begin -->"):
+        harness.publish([], doc, tmp_path / "pareto.png")
+    assert doc.read_text() == "hand-written results\n" and not (tmp_path / "pareto.png").exists()
