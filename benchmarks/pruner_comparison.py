@@ -113,7 +113,7 @@ def train(model: nn.Module, split, normalize: Normalize, epochs: int, budget: Bu
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=budget.weight_decay, nesterov=True)
     handle = sd.sparsify(model, opt, **sparsify) if sparsify else None
     steps = steps_per_epoch(split, budget.batch)
-    model.train()
+    model.to(memory_format=torch.channels_last).train()  # the faster layout for training on CPU
     for epoch in range(epochs):
         for step, (images, labels) in enumerate(train_batches(split, budget.batch, budget.seed, epoch, True)):
             for group in opt.param_groups:
@@ -207,7 +207,8 @@ class Data:
 def load_data(root: str, holdout: int) -> Data:
     held = load_dataset(DataCfg(name="cifar10", root=root, holdout=holdout))
     full = load_dataset(DataCfg(name="cifar10", root=root))
-    return Data(held.train, held.test, full.test, Normalize(held.mean, held.std, "cpu"), held.input_shape)
+    normalize = Normalize(held.mean, held.std, "cpu", channels_last=True)
+    return Data(held.train, held.test, full.test, normalize, held.input_shape)
 
 
 def calibration_images(data: Data, n: int = 64) -> torch.Tensor:
