@@ -80,18 +80,23 @@ class Method:
         return replace(self, lam=lam)
 
 
+# One base λ for every regulariser, searched alike by --grid. At 0.1, L1's total pull on a γ over one sparse
+# epoch at lr 0.01 (λ·Σ lr ≈ 0.18) is about half the dense ResNet-20's median |γ| (0.39): the grid's ends
+# move few γ to zero or most of them.
+LAM = 0.1
+
 METHODS = {m.name: m for m in [
-    Method("l1", "slimdeploy", 1e-2, {"penalty": "l1"}),
-    Method("lp0.5", "slimdeploy", 1e-2, {"penalty": "lp", "p": 0.5}),
-    Method("tl1", "slimdeploy", 1e-2, {"penalty": "tl1", "a": 1.0}),
-    # MCP and SCAD act only where |γ| ≤ a·λ: a = 1/λ keeps every γ below 1 in reach (set in with_lam)
-    Method("mcp", "slimdeploy", 1e-2, {"penalty": "mcp"}),
-    Method("scad", "slimdeploy", 1e-2, {"penalty": "scad"}),
-    Method("proximal_l1", "slimdeploy", 1e-1, {"method": "proximal", "penalty": "l1"}),
-    Method("proximal_tl1", "slimdeploy", 1e-1, {"method": "proximal", "penalty": "tl1", "a": 1.0}),
+    Method("l1", "slimdeploy", LAM, {"penalty": "l1"}),
+    Method("lp0.5", "slimdeploy", LAM, {"penalty": "lp", "p": 0.5}),
+    Method("tl1", "slimdeploy", LAM, {"penalty": "tl1", "a": 1.0}),
+    # MCP and SCAD act only where |γ| ≤ a·λ: a = 1/λ keeps every γ below 1 in reach (set in sparsify_kwargs)
+    Method("mcp", "slimdeploy", LAM, {"penalty": "mcp"}),
+    Method("scad", "slimdeploy", LAM, {"penalty": "scad"}),
+    Method("proximal_l1", "slimdeploy", LAM, {"method": "proximal", "penalty": "l1"}),
+    Method("proximal_tl1", "slimdeploy", LAM, {"method": "proximal", "penalty": "tl1", "a": 1.0}),
     Method("magnitude", "torch-pruning", 0.0, pruner="magnitude"),
-    Method("bnscale", "torch-pruning", 1e-2, pruner="bnscale"),
-    Method("groupnorm", "torch-pruning", 1e-2, pruner="groupnorm"),
+    Method("bnscale", "torch-pruning", LAM, pruner="bnscale"),
+    Method("groupnorm", "torch-pruning", LAM, pruner="groupnorm"),
     Method("uniform", "uniform"),
 ]}
 
@@ -253,8 +258,9 @@ def row_for(dense: nn.Module, pruned: nn.Module, data: Data, accuracy_no_ft, ext
 
 
 def search_lam(dense, method: Method, data: Data, budget: Budget, grid: list[float], target: float) -> tuple:
-    """The grid value of λ with the best validation accuracy right after pruning to ``target``."""
-    trials = []
+    """The grid value of λ with the best validation accuracy right after pruning to ``target``: the method
+    at that λ, its regularised model and sd.sparsify handle, and every trial's score."""
+    trials, best, best_val = [], None, -1.0
     example = calibration_images(data)
     for scale in grid:
         trial = method.with_lam(method.lam * scale)
@@ -267,18 +273,19 @@ def search_lam(dense, method: Method, data: Data, budget: Budget, grid: list[flo
             print(f"  {method.name} λ={trial.lam:g}: {err}")
         trials.append({"lam": trial.lam, "val_accuracy_no_ft": val})
         print(f"  {method.name} λ={trial.lam:g}: validation {val:.2f} % right after pruning to {target}x")
-    best = max(trials, key=lambda t: -1 if math.isnan(t["val_accuracy_no_ft"]) else t["val_accuracy_no_ft"])
-    return method.with_lam(best["lam"]), trials
+        if best is None or val > best_val:  # NaN never wins
+            best, best_val = (trial, model, handle), val
+    return *best, trials
 
 
 def run_method(dense, method: Method, data: Data, budget: Budget, targets, grid, scratch_epochs) -> list[dict]:
     base = {"method": method.name, "library": method.library, "budget": asdict(budget)}
     if method.library == "uniform":
         return [base | {"target": t} | run_uniform(dense, data, budget, t, scratch_epochs) for t in targets]
-    trials = []
-    if method.lam and len(grid) > 1:
-        method, trials = search_lam(dense, method, data, budget, grid, max(targets))
-    model, handle = regularised(dense, method, data, budget)
+    if method.lam:  # the chosen trial's model goes on: the search's training is not repeated
+        method, model, handle, trials = search_lam(dense, method, data, budget, grid, max(targets))
+    else:
+        (model, handle), trials = regularised(dense, method, data, budget), []
     rows, example = [], calibration_images(data)
     for target in targets:
         pruned, notes = prune_to(model, method, handle, example, target)
@@ -295,18 +302,27 @@ LIBRARY_STYLE = {"slimdeploy": ("tab:blue", "o"), "torch-pruning": ("tab:orange"
                  "dense": ("black", "*")}
 
 
+def epochs(row: dict) -> str:
+    """The row's training budget: sparse + fine-tuning epochs, or the epochs of a model trained from scratch."""
+    if "epochs" in row:
+        return f"{row['epochs']} from scratch"
+    budget = row.get("budget")
+    return f"{budget['sparse_epochs']} + {budget['finetune_epochs']}" if budget else "–"
+
+
 def table(rows: list[dict]) -> str:
     """The Markdown table of the rows, by target, best fine-tuned accuracy first."""
     def pct(value):
         return "–" if value is None else f"{value:.2f}"
 
     lines = ["| target | method | library | acc. right after pruning (%) | acc. fine-tuned (%) | b1/1t (ms) | "
-             "speedup b1/1t | speedup b64/2t | MACs (M) | params (k) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "speedup b1/1t | speedup b64/2t | MACs (M) | params (k) | epochs |", "|---" * 11 + "|"]
     for row in sorted(rows, key=lambda r: (r["target"], -r["accuracy"])):
         b64 = next((t["speedup"] for t in row.get("timings", []) if t["batch"] == 64), None)
         lines.append(f"| {row['target']:g}× | {row['method']} | {row['library']} | {pct(row['accuracy_no_ft'])} | "
                      f"{row['accuracy']:.2f} | {row['latency_ms']:.3f} | {row['speedup']:.2f}× | "
-                     f"{'–' if b64 is None else f'{b64:.2f}×'} | {row['macs'] / 1e6:.1f} | {row['params'] / 1e3:.0f} |")
+                     f"{'–' if b64 is None else f'{b64:.2f}×'} | {row['macs'] / 1e6:.1f} | "
+                     f"{row['params'] / 1e3:.0f} | {epochs(row)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -382,8 +398,8 @@ def main():
                      "latency_ms": speedups(dense, dense, data.shape, SETTINGS[:1])[0]["dense_ms"], "speedup": 1.0,
                      "macs": count_macs(dense, data.shape), "params": count_params(dense)})
     for name in args.methods:
-        if any(r["method"] == name for r in rows):
-            print(f"{name}: in {out} already")
+        if any(r["method"] == name and r.get("budget") in (None, asdict(budget)) for r in rows):
+            print(f"{name}: in {out} already, with this budget")
             continue
         start = time.perf_counter()
         new = run_method(dense, METHODS[name], data, budget, args.targets, args.grid, args.scratch_epochs)
