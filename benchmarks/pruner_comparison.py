@@ -22,7 +22,7 @@ highest target, and the one with the best validation accuracy right after prunin
 gets the same grid. Rows are appended to ``--out`` as they finish; a rerun skips what is there.
 
     tools/venv python benchmarks/pruner_comparison.py --dense runs/r20_dense/dense.pt --data /tmp/cifar \\
-        --out docs/results/comparison.json [--methods l1 bnscale ...] [--targets 1.5 1.7]
+        --out docs/results/comparison.json [--methods l1 bnscale ...] [--targets 1.2 1.35]
     tools/venv python benchmarks/pruner_comparison.py --out docs/results/comparison.json --publish docs/results.md
 """
 
@@ -372,7 +372,9 @@ def main():
     ap.add_argument("--holdout", type=int, default=5000, help="validation images held out of training")
     ap.add_argument("--out", default="docs/results/comparison.json")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--targets", nargs="+", type=float, default=[1.5, 1.7])
+    # ResNet-20 at batch 1 is bound by per-layer overhead: with every group at 16 channels it measures only
+    # about 1.4x (onnxruntime, 1 thread, AVX-512), and narrower unaligned widths are no faster
+    ap.add_argument("--targets", nargs="+", type=float, default=[1.2, 1.35], help="measured speedups, b1/1t")
     ap.add_argument("--grid", nargs="+", type=float, default=[0.3, 1.0, 3.0], help="λ multipliers searched")
     ap.add_argument("--sparse-epochs", type=int, default=Budget.sparse_epochs)
     ap.add_argument("--finetune-epochs", type=int, default=Budget.finetune_epochs)
