@@ -276,8 +276,7 @@ def recalibrated(model: nn.Module, data: Data, budget: Budget, batches: int = 20
 
 def search_lam(dense, method: Method, data: Data, budget: Budget, grid: list[float], target: float) -> tuple:
     """The grid value of λ with the best validation accuracy after pruning to ``target`` and re-estimating BN
-    statistics: the method
-    at that λ, its regularised model and sd.sparsify handle, and every trial's score."""
+    statistics: the method at that λ, its regularised model and sd.sparsify handle, and every trial's score."""
     trials, best, best_val = [], None, -1.0
     example = calibration_images(data)
     for scale in grid:
