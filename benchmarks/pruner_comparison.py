@@ -58,6 +58,9 @@ from slimdeploy.report import markers, write_marked
 
 ROUND_TO = 16  # the AVX-512 SIMD block: every method's widths are aligned alike
 SETTINGS = ((1, 1), (64, 2))  # (batch, threads): the target's setting first
+# slimdeploy's compensation of removed channels. Pruned past the zeros, the per-position maps of "exact"
+# cost about 10 points after fine-tuning and an Add per layer; a plain bias keeps the gain before it.
+COMPENSATE = "bias"
 
 
 @dataclass(frozen=True)
@@ -193,11 +196,9 @@ def prune_by_ratio_to(dense: nn.Module, example: torch.Tensor, kind: str, target
 def prune_to(model: nn.Module, method: Method, handle, example: torch.Tensor, target: float):
     """The pruned copy of ``model`` at the target speedup, and notes on how it was reached."""
     if method.library == "slimdeploy":
-        # compensate="bias": pruned past the zeros, the per-position maps of "exact" cost about 10 points
-        # after fine-tuning and an Add per layer; a plain bias keeps the gain before fine-tuning.
         pruned, plan = sd.prune(model, example, scores=handle.scores(), how="latency", target_speedup=target,
-                                round_to=ROUND_TO, compensate="bias")
-        return pruned, {"plan_speedup": plan.notes["latency"]["chosen"]["speedup"], "compensate": "bias"}
+                                round_to=ROUND_TO, compensate=COMPENSATE)
+        return pruned, {"plan_speedup": plan.notes["latency"]["chosen"]["speedup"], "compensate": COMPENSATE}
     # Torch-Pruning ranks by its own importance on the regularised model; the ratio is searched for
     pruned, ratio, speedup = prune_by_ratio_to(model, example, method.pruner, target)
     return pruned, {"pruning_ratio": ratio, "plan_speedup": speedup}
@@ -292,8 +293,9 @@ def search_lam(dense, method: Method, data: Data, budget: Budget, grid: list[flo
         trials.append({"lam": trial.lam, "val_accuracy_sparse": sparse_val, "val_accuracy_pruned_bn": val})
         print(f"  {method.name} λ={trial.lam:g}: validation {sparse_val:.2f} % sparse-trained, {val:.2f} % pruned to "
               f"{target}x (BN statistics re-estimated)")
-        if best is None or val > best_val:  # NaN never wins
-            best, best_val = (trial, model, handle), val
+        score = -1.0 if math.isnan(val) else val  # a λ that cannot reach the target loses to any that can
+        if best is None or score > best_val:
+            best, best_val = (trial, model, handle), score
     return *best, trials
 
 

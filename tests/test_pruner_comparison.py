@@ -94,3 +94,21 @@ def test_publish_refuses_a_document_without_the_pruners_block(harness, tmp_path)
     with pytest.raises(SystemExit, match="results.md: needs a block between <!-- pruners:begin -->"):
         harness.publish([], doc, tmp_path / "pareto.png")
     assert doc.read_text() == "hand-written results\n" and not (tmp_path / "pareto.png").exists()
+
+
+def test_lambda_search_passes_over_a_lambda_that_cannot_reach_the_target(harness, data, monkeypatch):
+    """The first λ raising (target out of reach) must not block a later one that scores."""
+    def prune_to(model, trial, handle, example, target):
+        if trial.lam < 0.1:
+            raise harness.SlimdeployError("out of reach")
+        return model, {}
+
+    monkeypatch.setattr(harness, "regularised", lambda dense, trial, *args: (f"model {trial.lam:g}", None))
+    monkeypatch.setattr(harness, "prune_to", prune_to)
+    monkeypatch.setattr(harness, "recalibrated", lambda model, *args: model)
+    monkeypatch.setattr(harness, "top1", lambda model, *args: 50.0 if model == "model 0.3" else 40.0)
+    monkeypatch.setattr(harness, "calibration_images", lambda data: None)
+    method, model, _, trials = harness.search_lam(None, harness.METHODS["l1"], data, harness.Budget(), [0.3, 1.0, 3.0],
+                                                  1.3)
+    assert [t["lam"] for t in trials] == pytest.approx([0.03, 0.1, 0.3])
+    assert method.lam == pytest.approx(0.3) and model == "model 0.3"
