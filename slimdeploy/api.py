@@ -25,7 +25,7 @@ from slimdeploy.export import ExportCheck, verify_onnx
 from slimdeploy.export import export_onnx as _export
 from slimdeploy.graph import build_graph, channel_groups
 from slimdeploy.models.registry import output_classes
-from slimdeploy.plan import ChannelPlan, group_scores, make_plan, simd_block
+from slimdeploy.plan import ChannelPlan, group_scores, make_plan, simd_block, zero_channels
 from slimdeploy.prune import apply_plan, rebuild_pruned, removed_bn_channels
 from slimdeploy.sparsity import Sparsifier, make_sparsifier, select_bns
 
@@ -100,8 +100,9 @@ def prune(
     ~/.cache/slimdeploy/latency/; see :mod:`slimdeploy.latency`).
     ``round_to``: kept widths a multiple of N (``"auto"``: the CPU's SIMD block).
     ``compensate``: what removed channels still fed forward (their BN shift β) is folded into the next
-    layers: ``exact`` (a bias, plus per-position maps where zero padding makes it vary; fixes the input
-    size), ``bias`` or ``none``; measured on ``calibration`` (default ``example_inputs``).
+    layers: ``exact`` (a bias, plus per-position maps where zero padding makes it vary, for channels
+    scoring 0; fixes the input size), ``bias`` or ``none``; measured on ``calibration`` (default
+    ``example_inputs``). Channels pruned past the zeros still varied: they get the bias alone.
     ``model_name``/``model_kwargs``: how :func:`load_pruned` builds the unpruned model (default: the
     model's class, called with no arguments). ``model`` itself is not modified.
     """
@@ -162,10 +163,11 @@ def prune_with_record(model, example_inputs, scores=None, how="percent", amount=
 
 def _prune_traced(pruned, graph, scores, plan_kwargs: dict, compensate: str, calibration) -> PruneOutcome:
     """Plan on a traced copy of the model and remove the channels from it, in place."""
-    plan = make_plan(channel_groups(pruned, graph), scores, **plan_kwargs)
+    groups = channel_groups(pruned, graph)
+    plan = make_plan(groups, scores, **plan_kwargs)
     zeroed = removed_bn_channels(pruned, graph, plan)
     apply_plan(pruned, plan, None if compensate == "none" else calibration, exact=compensate == "exact",
-               graph=graph)
+               graph=graph, zero_channels={g.root: zero_channels(g, scores) for g in groups})
     return PruneOutcome(pruned, plan, zeroed)
 
 

@@ -116,6 +116,19 @@ def group_scores(group: ChannelGroup, bn_scores: dict[str, torch.Tensor], reduce
     return torch.where(seen.any(0), out, torch.full_like(out, float("inf")))
 
 
+def zero_channels(group: ChannelGroup, bn_scores: dict[str, torch.Tensor]) -> list[int]:
+    """Root channels that every coupled BN scores exactly 0: they output only their shift β. A BN
+    without a score (left out of the regularisation) keeps its channels varying, as does no BN at all."""
+    zero, seen = torch.ones(group.channels, dtype=torch.bool), torch.zeros(group.channels, dtype=torch.bool)
+    for slot in group.bns:
+        seen[slot.root_idxs] = True
+        if slot.name in bn_scores:
+            zero[slot.root_idxs] &= bn_scores[slot.name].detach().cpu()[slot.bn_idxs] == 0
+        else:
+            zero[slot.root_idxs] = False
+    return (zero & seen).nonzero().flatten().tolist()
+
+
 def _round_kept(kept: int, channels: int, n: int | None, least: int) -> int:
     """The multiple of n nearest to ``kept`` (halves up), not below ``least`` nor above all channels.
 

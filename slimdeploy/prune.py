@@ -8,11 +8,16 @@ calibration batch): as a bias where the contribution is uniform, as a per-positi
 padding makes it vary at the borders. The pruned model then computes what the trained model with
 those γ set to zero computes, exactly wherever every read of a removed channel passes a BN (not so
 where a consumer reads it raw, as the 1×1 shortcut of a pre-activation ResNet does).
+
+Maps are for channels that were zero already (score 0, e.g. proximal NS's ξ): only there is the
+γ-zeroed model the trained one. A channel pruned past the zeros still varied, so a fixed map would
+freeze a border pattern the network never computed (and add an Add per layer); it gets the bias alone.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import defaultdict
 
 import torch
@@ -80,10 +85,9 @@ def zero_removed_gammas(model: nn.Module, plan: ChannelPlan) -> nn.Module:
 
 
 @torch.no_grad()
-def _contributions(model: nn.Module, bn_zero, inputs, calibration: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per consumer, what its removed inputs add to its output: the layer applied (without bias) to
-    their mean values, measured on the calibration batch of the γ-zeroed model. For a conv this is a
-    map [out, H, W]: constant inside, different where zero padding cuts the kernel."""
+def _constant_inputs(model: nn.Module, bn_zero, inputs, calibration: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per consumer, its removed inputs as constants (the rest zero), one sample [1, C, ...]: their mean
+    values on the calibration batch of the γ-zeroed model."""
     zeroed = zero_bn_channels(copy.deepcopy(model).eval(), bn_zero)
     constant_inputs, hooks = {}, []
     for name, idxs in inputs.items():
@@ -100,14 +104,24 @@ def _contributions(model: nn.Module, bn_zero, inputs, calibration: torch.Tensor)
     zeroed(calibration)
     for h in hooks:
         h.remove()
-    out = {}
-    for name, z in constant_inputs.items():
-        layer = model.get_submodule(name)
-        if isinstance(layer, nn.Linear):
-            out[name] = nn.functional.linear(z, layer.weight)[0]
-        else:
-            out[name] = layer._conv_forward(z, layer.weight, None)[0]
-    return out
+    return constant_inputs
+
+
+@torch.no_grad()
+def _contribution(layer: nn.Module, constant_input: torch.Tensor) -> torch.Tensor:
+    """What a constant input adds to the layer's output: the layer applied without its bias. For a conv
+    this is a map [out, H, W]: constant inside, different where zero padding cuts the kernel."""
+    if isinstance(layer, nn.Linear):
+        return nn.functional.linear(constant_input, layer.weight)[0]
+    return layer._conv_forward(constant_input, layer.weight, None)[0]
+
+
+def _only(constant_input: torch.Tensor, idxs) -> torch.Tensor:
+    """The constant input restricted to channels ``idxs``."""
+    kept = torch.zeros_like(constant_input)
+    idx = sorted(idxs)
+    kept[:, idx] = constant_input[:, idx]
+    return kept
 
 
 class BiasMap(nn.Module):
@@ -144,20 +158,30 @@ def _is_uniform(contribution: torch.Tensor) -> bool:
     return bool((flat - flat.mean(1, keepdim=True)).abs().max() <= 1e-6 * (1 + flat.abs().max()))
 
 
+def _zeros_only(plan: ChannelPlan, zero_channels: dict[str, list[int]]) -> ChannelPlan:
+    """The plan restricted to the removed channels that are zeros."""
+    groups = [dataclasses.replace(g, remove=sorted(set(g.remove) & set(zero_channels.get(g.root, ()))))
+              for g in plan.groups]
+    return dataclasses.replace(plan, groups=groups)
+
+
 def apply_plan(
     model: nn.Module,
     plan: ChannelPlan,
     calibration: torch.Tensor | None = None,
     exact: bool = True,
     graph: tp.DependencyGraph | None = None,
+    zero_channels: dict[str, list[int]] | None = None,
 ) -> nn.Module:
     """Remove the planned channels from ``model`` in place (and return it).
 
     With a ``calibration`` batch, what the removed channels fed forward is compensated: as a bias where
     it is uniform over the feature map, and, with ``exact``, as a :class:`BiasMap` where zero padding
-    makes it vary at the borders (else as the bias of the interior). ``plan.biased`` and
-    ``plan.bias_maps`` record the layers changed, so :func:`rebuild_pruned` can rebuild them.
-    Auxiliary classifiers (torchvision GoogLeNet, Inception v3) are removed.
+    makes it vary at the borders (else as the bias of the interior). ``zero_channels`` (per group root)
+    names the removed channels that output only their shift β; maps are built from these alone, the
+    others give their interior bias. None means every removed channel is such a zero.
+    ``plan.biased`` and ``plan.bias_maps`` record the layers changed, so :func:`rebuild_pruned` can
+    rebuild them. Auxiliary classifiers (torchvision GoogLeNet, Inception v3) are removed.
     ``graph`` is the model's dependency graph, if already traced.
     """
     device = next(model.parameters()).device
@@ -165,18 +189,27 @@ def apply_plan(
     maps = {}
     if calibration is not None:
         bn_zero, inputs, outputs = _removed_inputs(model, dg, plan)
-        contributions = _contributions(model, bn_zero, inputs, calibration.to(device))
+        if zero_channels is not None:
+            _, zero_inputs, _ = _removed_inputs(model, dg, _zeros_only(plan, zero_channels))
+        else:
+            zero_inputs = inputs
         biased = []
         # Biases before the surgery, which then trims them with the consumers' own output channels;
         # maps after it, trimmed here.
-        for name, c in contributions.items():
-            layer = model.get_submodule(name)
-            if exact and not _is_uniform(c):
-                maps[name] = c[[o for o in range(c.shape[0]) if o not in outputs[name]]]
-                continue
+        for name, constant in _constant_inputs(model, bn_zero, inputs, calibration.to(device)).items():
+            layer, zeros = model.get_submodule(name), zero_inputs.get(name, set())
+            from_zeros = _contribution(layer, _only(constant, zeros))
+            rest = _contribution(layer, constant) - from_zeros
+            if exact and not _is_uniform(from_zeros):
+                maps[name] = from_zeros[[o for o in range(from_zeros.shape[0]) if o not in outputs[name]]]
+                if not inputs[name] - zeros:  # nothing left for a bias
+                    continue
+                delta = _interior(rest)
+            else:
+                delta = _interior(from_zeros + rest)
             if layer.bias is None:
                 biased.append(name)
-            _add_bias(layer, _interior(c))
+            _add_bias(layer, delta)
         plan.biased = sorted(biased)
         plan.bias_maps = {name: list(m.shape) for name, m in sorted(maps.items())}
     for group in _plan_groups(model, dg, plan):  # each group is formed just before it is pruned

@@ -278,7 +278,8 @@ class PruneCfg(_Section):
     compensate: Literal["exact", "bias", "none"] = Field(
         "exact",
         description="what removed channels fed forward (their BN shift): exact (bias, plus a per-position map "
-        "where zero padding makes it vary; fixes the input size), bias (interior value only), none",
+        "where zero padding makes it vary, for channels scoring 0; fixes the input size), bias (interior "
+        "value only), none",
     )
     calibration_images: int = Field(64, ge=1, description="training images for compensation")
 

@@ -50,6 +50,21 @@ def trained_like(model: str | nn.Module, seed: int = 0, gamma_power: float = 3, 
     return model.eval()
 
 
+def prune_from_zeros(model: nn.Module, example_inputs: torch.Tensor, **kwargs):
+    """``prune_with_record`` of ``model`` after setting to 0 the γ of every channel its plan removes (in
+    place), as proximal NS leaves them: the second plan removes exactly those zeros, and compensation
+    must then reproduce ``model``. ``kwargs`` choose the first plan."""
+    from slimdeploy.api import prune_with_record
+    from slimdeploy.prune import zero_bn_channels
+
+    first = prune_with_record(model, example_inputs, compensate="none", **kwargs)
+    zero_bn_channels(model, first.zeroed_bn_channels)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("how", "amount")}
+    outcome = prune_with_record(model, example_inputs, how="zeros", **kwargs)
+    assert [g.remove for g in outcome.plan.groups] == [g.remove for g in first.plan.groups]
+    return outcome
+
+
 def cli_command(recipe, *sets: str, out=None, args=()) -> list[str]:
     """``compress.py RECIPE [--out OUT] --quiet ARGS --set S ...`` with this interpreter."""
     cmd = [sys.executable, str(COMPRESS), str(recipe), "--quiet", *args]

@@ -13,9 +13,9 @@ from torch import nn
 import slimdeploy as sd
 from slimdeploy import api, penalties
 from slimdeploy.errors import InputError, ModelError
-from slimdeploy.prune import zero_bn_channels
+from slimdeploy.prune import BiasMap
 
-from helpers import ROOT, trained_like
+from helpers import ROOT, prune_from_zeros, trained_like
 
 
 class Block(nn.Module):
@@ -188,9 +188,25 @@ def test_prune_leaves_the_input_alone_traces_once_and_matches_the_zeroed_model(m
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert outcome.plan.channels_kept < outcome.plan.channels_total
     assert outcome.plan.model == f"{__name__}:Net" and outcome.plan.num_classes == 5
+    from_zeros = prune_from_zeros(model, x, amount=0.5)  # the removed γ set to 0 in ``model``
     with torch.no_grad():
-        zeroed = zero_bn_channels(copy.deepcopy(model), outcome.zeroed_bn_channels)
-        torch.testing.assert_close(outcome.model(x), zeroed(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(from_zeros.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_prune_past_the_zeros_compensates_by_bias_alone():
+    """Channels that still varied get their interior bias, no per-position map: a map would freeze a
+    border pattern the trained network never computed. Channels that were zero keep their exact maps."""
+    model = trained_like("resnet20")
+    x = torch.randn(16, 3, 16, 16)
+    exact, plan_exact = sd.prune(model, x, amount=0.5)
+    bias, _ = sd.prune(model, x, amount=0.5, compensate="bias")
+    assert not plan_exact.bias_maps and not any(isinstance(m, BiasMap) for m in exact.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(exact(x), bias(x))
+    zeros = prune_from_zeros(model, x, amount=0.5)
+    assert zeros.plan.bias_maps and any(isinstance(m, BiasMap) for m in zeros.model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(zeros.model(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_prune_scores_default_to_abs_gamma_and_accept_a_dict():

@@ -8,7 +8,7 @@ import torch
 from slimdeploy.bn import affine_bns
 from slimdeploy.export import export_onnx, verify_onnx
 from slimdeploy.graph import build_graph, channel_groups
-from slimdeploy.plan import ChannelPlan, GroupPlan, make_plan
+from slimdeploy.plan import ChannelPlan, GroupPlan, make_plan, zero_channels
 from slimdeploy.prune import BiasMap, apply_plan, layer_widths, mask_plan, rebuild_pruned, zero_removed_gammas
 
 from helpers import trained_like
@@ -220,6 +220,45 @@ def test_plan_with_unregularised_bns_and_rounding_bounds():
     untouched = make_plan(groups, scores, how="zeros", round_to=8, model_name="resnet20",
                           num_classes=10, input_shape=SHAPE)
     assert untouched.channels_kept == untouched.channels_total  # no zero scores: nothing goes
+
+
+def test_exact_maps_come_from_the_zero_channels_alone():
+    """Of two removed channels, one zero (γ = 0) and one that still varied, the map holds the zero
+    one's exact contribution, borders included, and the other gives its interior bias: the result is
+    what removing the varying channel alone by bias computes, the zero one being kept as it was."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 2, 3, padding=1, bias=False)).eval()
+    net[1].bias.data = torch.rand(4) + 0.5  # positive shifts: the removed channels pass the ReLU
+    net[1].weight.data[1] = 0
+    calib, x = torch.randn(4, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    both = ChannelPlan("none", 3, [3, 8, 8], "percent", [GroupPlan("0", 4, [1, 2], ["1"])])
+    pruned = apply_plan(copy.deepcopy(net), both, calibration=calib, zero_channels={"0": [1]})
+    assert both.bias_maps == {"3": [2, 8, 8]} and both.biased == ["3"]
+    varying = ChannelPlan("none", 3, [3, 8, 8], "percent", [GroupPlan("0", 4, [2], ["1"])])
+    reference = apply_plan(copy.deepcopy(net), varying, calibration=calib, exact=False)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), reference(x), atol=1e-5, rtol=1e-5)
+        assert (pruned(x) - zero_removed_gammas(copy.deepcopy(net), both)(x)).abs().max() > 1e-3
+
+
+def test_zero_channels_need_every_coupled_bn_at_zero():
+    """A channel is a zero only where every BN that sees it scores 0; a BN without a score (left out of
+    the regularisation) still varies."""
+    model = trained_like("resnet20")
+    groups = channel_groups(model, build_graph(model, torch.randn(1, *SHAPE)))
+    stream = next(g for g in groups if len(g.bns) > 1)  # a residual stream: several BNs per channel
+    scores = {n: bn.weight.detach().abs() for n, bn in affine_bns(model).items()}
+    first, rest = stream.bns[0], stream.bns[1:]
+    scores[first.name] = scores[first.name].clone()
+    scores[first.name][first.bn_idxs[:3]] = 0
+    assert zero_channels(stream, scores) == []  # the other BNs still see those channels vary
+    for slot in rest:
+        scores[slot.name] = scores[slot.name].clone()
+        scores[slot.name][[slot.bn_idxs[slot.root_idxs.index(r)] for r in first.root_idxs[:3]]] = 0
+    assert zero_channels(stream, scores) == sorted(first.root_idxs[:3])
+    del scores[rest[0].name]
+    assert zero_channels(stream, scores) == []
 
 
 def test_interior_bias_is_exact_away_from_the_borders():

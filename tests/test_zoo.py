@@ -3,11 +3,12 @@ PyTorch in ONNX Runtime, or stops with one line saying why.
 
 Running the whole pipeline on each of the 58 such builders is beyond a CI budget, so the sweep is tiered
 (about 8 minutes on 2 shared cores):
-- the smallest builder of each family and block type (WHOLE_PIPELINE) runs the whole pipeline: sparse
-  training, plan, pruning, export of both models, ONNX Runtime against PyTorch;
-- the others run the same code at other widths and depths, which is what the dependency graph, the plan
-  and the surgery see: they are pruned (BN statistics randomised, 30 % of the channels removed) and the
-  pruned model must compute what the model with those γ set to zero computes;
+- every builder up to PRUNE_MAX_PARAMS is pruned (BN statistics randomised, the γ of 30 % of the
+  channels set to zero, those channels removed) and the pruned model must compute what the model
+  computed: a channel mapped to the wrong index by the dependency graph, the plan or the surgery would
+  show;
+- the smallest builder of each family and block type (WHOLE_PIPELINE) also runs the whole pipeline:
+  sparse training, plan, pruning, export of both models, ONNX Runtime against PyTorch;
 - above PRUNE_MAX_PARAMS (regnet_y_128gf: 645 M parameters, 2.6 GB of weights, 13 s only to initialise
   them), and for the deep DenseNets (GRAPH_ONLY), only the dependency graph is traced and its groups
   checked.
@@ -16,7 +17,6 @@ Builders without BatchNorm must stop at the graph stage with one line.
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import subprocess
 import sys
@@ -36,10 +36,10 @@ from slimdeploy.export import ExportError, export_onnx, verify_onnx
 from slimdeploy.graph import GraphError, build_graph, channel_groups
 from slimdeploy.models import build_model
 from slimdeploy.outputs import main_logits
-from slimdeploy.prune import layer_widths, zero_bn_channels
+from slimdeploy.prune import layer_widths
 from slimdeploy.recipe import build_recipe
 
-from helpers import tiny_recipe, trained_like
+from helpers import prune_from_zeros, tiny_recipe, trained_like
 
 BUILDERS = sorted(torchvision.models.list_models(module=torchvision.models))
 PRUNE_MAX_PARAMS = 200e6
@@ -101,10 +101,11 @@ def _run_pipeline(builder: str, size: int, out_dir) -> None:
     export, pruning = report["export"], report["pruning"]
     assert export["max_abs_diff"] <= export["tolerance"] * export["max_abs_logit"]
     assert export["dense_max_abs_diff"] <= export["tolerance"] * export["dense_max_abs_logit"]
-    error = pruning["error_vs_zeroed_gamma"]
-    _assert_close(error["max_abs_diff"], error["max_abs_logit"], INEXACT_COMPENSATION.get(builder, 1e-4))
     assert 0 < pruning["channels_kept"] < pruning["channels_total"]
     assert report["pruned"]["params"] < report["dense"]["params"]
+    # One training step zeroes no γ, so the run prunes past the zeros, where compensation is a bias and
+    # not exact at the borders: exactness is checked on zeros, by the pruning check.
+    _check_pruning(builder, size)
 
 
 def _assert_close(diff: float, scale: float, relative: float = 1e-4) -> None:
@@ -120,10 +121,9 @@ def _generic(model: torch.nn.Module) -> torch.nn.Module:
 def _check_pruning(builder: str, size: int) -> None:
     model = _generic(build_model(f"torchvision:{builder}", CLASSES))
     calibration, x = torch.randn(2, 4, 3, size, size, generator=torch.Generator().manual_seed(0))
-    outcome = prune_with_record(model, calibration, amount=0.3, model_name=f"torchvision:{builder}")
-    reference = zero_bn_channels(copy.deepcopy(model), outcome.zeroed_bn_channels)
+    outcome = prune_from_zeros(model, calibration, amount=0.3, model_name=f"torchvision:{builder}")
     with torch.no_grad():
-        expected, got = reference(x), outcome.model(x)
+        expected, got = model(x), outcome.model(x)
     _assert_close(float((got - expected).abs().max()), float(expected.abs().max()),
                   INEXACT_COMPENSATION.get(builder, 1e-4))
     assert outcome.plan.channels_kept < outcome.plan.channels_total
@@ -219,11 +219,10 @@ def test_shufflenet_prunes_only_channels_no_shuffle_crosses():
     assert {"conv1.0", "conv5.0"} <= {g.root for g in groups}  # stem and head are prunable
     assert shufflenetv2.channel_shuffle is shuffle  # tracing left torchvision and the model as they were
     assert not any("trace_shuffle" in name for name, _ in model.named_modules())
-    outcome = prune_with_record(model, x, amount=0.3)
-    reference = zero_bn_channels(copy.deepcopy(model), outcome.zeroed_bn_channels)
+    outcome = prune_from_zeros(model, x, amount=0.3)
     with torch.no_grad():
         y = torch.randn(4, 3, 32, 32)
-        expected = reference(y)
+        expected = model(y)
         _assert_close(float((outcome.model(y) - expected).abs().max()), float(expected.abs().max()))
 
 
