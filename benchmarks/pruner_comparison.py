@@ -19,8 +19,10 @@ hook) and ``sd.prune``, Torch-Pruning through its pruners' ``regularize`` and ``
 λ is chosen per method on the validation split (``data.holdout`` images of the training set, never
 the test set): each value of ``--grid`` × the method's base λ is sparse-trained and pruned to the
 highest target, and the one with the best validation accuracy after pruning is kept, measured once BN
-statistics are re-estimated on training images (adaptive BN, as EagleEye ranks pruned candidates). Every
-method gets the same grid. Rows are appended to ``--out`` as they finish; a rerun skips what is there.
+statistics are re-estimated on training images (adaptive BN, as EagleEye ranks pruned candidates). While
+the best λ sits at an end of what was tried, the search steps past it (up to MAX_TRIALS). Every method
+gets the same grid and rule. Rows are written to ``--out`` as each method finishes; a rerun skips a
+method whose rows have the same budget and search, and reuses trial models cached in ``--cache``.
 
     tools/venv python benchmarks/pruner_comparison.py --dense runs/r20_dense/dense.pt --data /tmp/cifar \\
         --out docs/results/comparison.json [--methods l1 bnscale ...] [--targets 1.2 1.35]
@@ -31,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import itertools
 import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -55,12 +59,14 @@ from slimdeploy.graph import output_layers
 from slimdeploy.models import build_model
 from slimdeploy.recipe import DataCfg
 from slimdeploy.report import markers, write_marked
+from slimdeploy.train import save_atomic
 
 ROUND_TO = 16  # the AVX-512 SIMD block: every method's widths are aligned alike
 SETTINGS = ((1, 1), (64, 2))  # (batch, threads): the target's setting first
 # slimdeploy's compensation of removed channels. Pruned past the zeros, the per-position maps of "exact"
 # cost about 10 points after fine-tuning and an Add per layer; a plain bias keeps the gain before it.
 COMPENSATE = "bias"
+MAX_TRIALS = 6  # sparse trainings per method in the λ search: the grid, then steps past a winning end
 
 
 @dataclass(frozen=True)
@@ -193,10 +199,10 @@ def prune_by_ratio_to(dense: nn.Module, example: torch.Tensor, kind: str, target
     return best
 
 
-def prune_to(model: nn.Module, method: Method, handle, example: torch.Tensor, target: float):
+def prune_to(model: nn.Module, method: Method, scores, example: torch.Tensor, target: float):
     """The pruned copy of ``model`` at the target speedup, and notes on how it was reached."""
     if method.library == "slimdeploy":
-        pruned, plan = sd.prune(model, example, scores=handle.scores(), how="latency", target_speedup=target,
+        pruned, plan = sd.prune(model, example, scores=scores, how="latency", target_speedup=target,
                                 round_to=ROUND_TO, compensate=COMPENSATE)
         return pruned, {"plan_speedup": plan.notes["latency"]["chosen"]["speedup"], "compensate": COMPENSATE}
     # Torch-Pruning ranks by its own importance on the regularised model; the ratio is searched for
@@ -228,13 +234,14 @@ def calibration_images(data: Data, n: int = 64) -> torch.Tensor:
 
 
 def regularised(dense: nn.Module, method: Method, data: Data, budget: Budget):
-    """The dense model after the sparse phase of ``method``, and its sd.sparsify handle if any."""
+    """The dense model after the sparse phase of ``method``, and its channel scores from the sd.sparsify
+    handle (ξ for proximal NS; None for Torch-Pruning, which scores the model itself)."""
     model = copy.deepcopy(dense)
     if method.library == "slimdeploy":
         handle = train(model, data.train, data.normalize, budget.sparse_epochs, budget,
                        sparsify=sparsify_kwargs(method))
         handle.remove()
-        return model, handle
+        return model, handle.scores()
     regularize = None
     if method.pruner in ("bnscale", "groupnorm"):
         example = torch.randn(1, *data.shape)
@@ -275,17 +282,54 @@ def recalibrated(model: nn.Module, data: Data, budget: Budget, batches: int = 20
     return model.eval()
 
 
-def search_lam(dense, method: Method, data: Data, budget: Budget, grid: list[float], target: float) -> tuple:
-    """The grid value of λ with the best validation accuracy after pruning to ``target`` and re-estimating BN
-    statistics: the method at that λ, its regularised model and sd.sparsify handle, and every trial's score."""
-    trials, best, best_val = [], None, -1.0
+@dataclass(frozen=True)
+class TrialCache:
+    """Sparse-trained trial models on disk, keyed by method, λ, budget and the dense model's file: a rerun
+    (or a wider search) trains only what it has not trained yet."""
+
+    folder: Path
+    dense_digest: str
+
+    def path(self, method: Method, budget: Budget) -> Path:
+        key = json.dumps([asdict(method), asdict(budget), self.dense_digest], sort_keys=True)
+        return self.folder / f"{method.name}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
+def sparse_trained(dense: nn.Module, method: Method, data: Data, budget: Budget, cache: TrialCache | None):
+    """:func:`regularised`, through the trial cache."""
+    path = cache.path(method, budget) if cache else None
+    if path and path.is_file():
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+        model = copy.deepcopy(dense)
+        model.load_state_dict(saved["state_dict"])
+        return model.eval(), saved["scores"]
+    model, scores = regularised(dense, method, data, budget)
+    if path:
+        save_atomic({"state_dict": model.state_dict(), "scores": scores}, path)
+    return model, scores
+
+
+def search_rule(grid: list[float]) -> dict:
+    return {"grid": sorted(grid), "max_trials": MAX_TRIALS}
+
+
+def search_lam(dense, method: Method, data: Data, budget: Budget, grid: list[float], target: float,
+               cache: TrialCache | None = None) -> tuple:
+    """The λ with the best validation accuracy after pruning to ``target`` and re-estimating BN statistics:
+    the method at that λ, its regularised model and channel scores, and every trial's score.
+
+    Every value of ``grid`` × the base λ is tried; while the best sits at an end of the grid, one more
+    step beyond it (the grid's own ratio), up to MAX_TRIALS: a λ that wins at the edge of what was tried
+    is not known to be the best. Every method gets this same rule."""
+    trials, results = [], {}
     example = calibration_images(data)
-    for scale in grid:
+
+    def run(scale: float) -> None:
         trial = method.with_lam(method.lam * scale)
-        model, handle = regularised(dense, trial, data, budget)
+        model, scores = sparse_trained(dense, trial, data, budget, cache)
         sparse_val = top1(model, data.val, data.normalize, 500)
         try:
-            pruned, _ = prune_to(model, trial, handle, example, target)
+            pruned, _ = prune_to(model, trial, scores, example, target)
             val = top1(recalibrated(pruned, data, budget), data.val, data.normalize, 500)
         except SlimdeployError as err:  # e.g. a target out of reach: this λ scores nothing
             val = float("nan")
@@ -294,23 +338,39 @@ def search_lam(dense, method: Method, data: Data, budget: Budget, grid: list[flo
         print(f"  {method.name} λ={trial.lam:g}: validation {sparse_val:.2f} % sparse-trained, {val:.2f} % pruned to "
               f"{target}x (BN statistics re-estimated)")
         score = -1.0 if math.isnan(val) else val  # a λ that cannot reach the target loses to any that can
-        if best is None or score > best_val:
-            best, best_val = (trial, model, handle), score
-    return *best, trials
+        results[scale] = (score, trial, model, scores)
+
+    grid = sorted(grid)
+    for scale in grid:
+        run(scale)
+    while len(grid) > 1 and len(results) < MAX_TRIALS:
+        best, second = sorted(results, key=lambda scale: results[scale][0], reverse=True)[:2]
+        if results[best][0] == results[second][0]:  # no end wins outright
+            break
+        if best == min(results):
+            run(best * grid[0] / grid[1])
+        elif best == max(results):
+            run(best * grid[-1] / grid[-2])
+        else:
+            break
+    _, trial, model, scores = max(results.values(), key=lambda result: result[0])
+    return trial, model, scores, trials
 
 
-def run_method(dense, method: Method, data: Data, budget: Budget, targets, grid, scratch_epochs) -> list[dict]:
+def run_method(dense, method: Method, data: Data, budget: Budget, targets, grid, scratch_epochs,
+               cache: TrialCache | None = None) -> list[dict]:
     base = {"method": method.name, "library": method.library, "budget": asdict(budget)}
     if method.library == "uniform":
         return [base | {"target": t} | run_uniform(dense, data, budget, t, scratch_epochs) for t in targets]
     if method.lam:  # the chosen trial's model goes on: the search's training is not repeated
-        method, model, handle, trials = search_lam(dense, method, data, budget, grid, max(targets))
+        base["search_rule"] = search_rule(grid)
+        method, model, scores, trials = search_lam(dense, method, data, budget, grid, max(targets), cache)
     else:
-        (model, handle), trials = regularised(dense, method, data, budget), []
+        (model, scores), trials = sparse_trained(dense, method, data, budget, cache), []
     rows, example = [], calibration_images(data)
     sparse = top1(model, data.test, data.normalize, 500)  # what pruning without fine-tuning should keep
     for target in targets:
-        pruned, notes = prune_to(model, method, handle, example, target)
+        pruned, notes = prune_to(model, method, scores, example, target)
         no_ft = top1(pruned, data.test, data.normalize, 500)
         train(pruned, data.train, data.normalize, budget.finetune_epochs, budget)
         rows.append(base | {"target": target, "lam": method.lam, "search": trials, "accuracy_sparse": sparse}
@@ -401,10 +461,14 @@ def main():
     # ResNet-20 at batch 1 is bound by per-layer overhead: with every group at 16 channels it measures only
     # about 1.4x (onnxruntime, 1 thread, AVX-512), and narrower unaligned widths are no faster
     ap.add_argument("--targets", nargs="+", type=float, default=[1.2, 1.35], help="measured speedups, b1/1t")
-    ap.add_argument("--grid", nargs="+", type=float, default=[0.3, 1.0, 3.0], help="λ multipliers searched")
+    # Two points, then steps past the end that wins: in a first sweep over 0.3/1/3 × the base λ, every
+    # method did best at 0.3, so the grid's top end cost a sparse training and told nothing
+    ap.add_argument("--grid", nargs="+", type=float, default=[0.3, 1.0], help="λ multipliers searched first")
     ap.add_argument("--sparse-epochs", type=int, default=Budget.sparse_epochs)
     ap.add_argument("--finetune-epochs", type=int, default=Budget.finetune_epochs)
     ap.add_argument("--scratch-epochs", type=int, default=15, help="the dense model's own epochs (uniform)")
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                    / "slimdeploy" / "comparison", help="folder of sparse-trained trial models, reused by reruns")
     args = ap.parse_args()
     out = Path(args.out)
     if args.publish:
@@ -425,17 +489,20 @@ def main():
                      "accuracy": top1(dense, data.test, data.normalize, 500),
                      "latency_ms": speedups(dense, dense, data.shape, SETTINGS[:1])[0]["dense_ms"], "speedup": 1.0,
                      "macs": count_macs(dense, data.shape), "params": count_params(dense)})
+    cache = TrialCache(args.cache, hashlib.sha256(Path(args.dense).read_bytes()).hexdigest())
     for name in args.methods:
-        if any(r["method"] == name and r.get("budget") in (None, asdict(budget)) for r in rows):
-            print(f"{name}: in {out} already, with this budget")
+        done = [r for r in rows if r["method"] == name]
+        if done and all(r.get("budget") == asdict(budget) for r in done) and (
+                not METHODS[name].lam or all(r.get("search_rule") == search_rule(args.grid) for r in done)):
+            print(f"{name}: in {out} already, with this budget and search")
             continue
         start = time.perf_counter()
-        new = run_method(dense, METHODS[name], data, budget, args.targets, args.grid, args.scratch_epochs)
+        new = run_method(dense, METHODS[name], data, budget, args.targets, args.grid, args.scratch_epochs, cache)
         for row in new:
             row["wall_s"] = round(time.perf_counter() - start)
             print(f"{name} {row['target']}x: {row['accuracy_no_ft']} % no FT, {row['accuracy']:.2f} % fine-tuned, "
                   f"{row['speedup']:.2f}x measured, {row['macs'] / 1e6:.1f} M MACs")
-        rows += new
+        rows = [r for r in rows if r["method"] != name] + new  # a rerun replaces the method's rows
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=1))
 

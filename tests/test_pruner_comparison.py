@@ -110,5 +110,49 @@ def test_lambda_search_passes_over_a_lambda_that_cannot_reach_the_target(harness
     monkeypatch.setattr(harness, "calibration_images", lambda data: None)
     method, model, _, trials = harness.search_lam(None, harness.METHODS["l1"], data, harness.Budget(), [0.3, 1.0, 3.0],
                                                   1.3)
-    assert [t["lam"] for t in trials] == pytest.approx([0.03, 0.1, 0.3])
+    # 0.3 won at the grid's top end, so one step past it (0.9) was tried, and lost
+    assert [t["lam"] for t in trials] == pytest.approx([0.03, 0.1, 0.3, 0.9])
     assert method.lam == pytest.approx(0.3) and model == "model 0.3"
+
+
+@pytest.mark.parametrize("peak, tried", [(0.01, [0.03, 0.1, 0.3, 0.009, 0.0027]),  # found past the low end
+                                         (0.1, [0.03, 0.1, 0.3]),  # inside the grid: nothing more
+                                         (1e-9, [0.03, 0.1, 0.3, 0.009, 0.0027, 0.00081])])  # bounded
+def test_lambda_search_steps_past_an_end_of_the_grid_while_it_wins(harness, data, monkeypatch, peak, tried):
+    import math
+
+    monkeypatch.setattr(harness, "MAX_TRIALS", 6)
+    monkeypatch.setattr(harness, "regularised", lambda dense, trial, *args: (trial.lam, None))
+    monkeypatch.setattr(harness, "prune_to", lambda model, *args: (model, {}))
+    monkeypatch.setattr(harness, "recalibrated", lambda model, *args: model)
+    # validation accuracy peaks at λ = peak, falling with the distance in log λ
+    monkeypatch.setattr(harness, "top1", lambda lam, *args: 90 - abs(math.log(lam / peak)))
+    monkeypatch.setattr(harness, "calibration_images", lambda data: None)
+    method, _, _, trials = harness.search_lam(None, harness.METHODS["l1"], data, harness.Budget(), [1.0, 3.0, 0.3],
+                                              1.3)
+    assert [t["lam"] for t in trials] == pytest.approx(tried)
+    best = max(tried, key=lambda lam: -abs(math.log(lam / peak)))
+    assert method.lam == pytest.approx(best)
+
+
+def test_trial_cache_reuses_a_trained_trial(harness, data, tmp_path, monkeypatch):
+    """A rerun loads the sparse-trained model and its scores instead of training again."""
+    dense = trained_like("resnet20")
+    cache = harness.TrialCache(tmp_path, "digest")
+    method, budget = harness.METHODS["l1"].with_lam(0.05), harness.Budget(sparse_epochs=1, batch=32)
+    calls = []
+
+    def regularised(dense, method, data, budget):
+        calls.append(method.lam)
+        model = trained_like("resnet20", seed=1)
+        return model, {"bn1": model.bn1.weight.detach().abs()}
+
+    monkeypatch.setattr(harness, "regularised", regularised)
+    first, first_scores = harness.sparse_trained(dense, method, data, budget, cache)
+    again, again_scores = harness.sparse_trained(dense, method, data, budget, cache)
+    assert calls == [0.05]
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in first.state_dict().items())
+    assert torch.equal(first_scores["bn1"], again_scores["bn1"])
+    harness.sparse_trained(dense, method.with_lam(0.1), data, budget, cache)  # another λ is another trial
+    harness.sparse_trained(dense, method, data, harness.Budget(sparse_epochs=2, batch=32), cache)
+    assert calls == [0.05, 0.1, 0.05]
