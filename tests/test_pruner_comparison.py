@@ -58,7 +58,8 @@ def test_each_library_reaches_the_target_with_a_complete_row(harness, data, size
     # the stand-in timing is exact, so the target is met (within the latency loop's tolerance)
     assert row["speedup"] >= 1.3 * 0.95 and row["macs"] < harness.count_macs(dense, data.shape)
     assert 0 <= row["accuracy"] <= 100
-    assert row["accuracy_no_ft"] is None if name == "uniform" else 0 <= row["accuracy_no_ft"] <= 100
+    for key in ("accuracy_no_ft", "accuracy_no_ft_bn"):
+        assert row.get(key) is None if name == "uniform" else 0 <= row[key] <= 100
     if len(grid) > 1:  # the λ search ran on the validation split, over the whole grid
         assert [t["lam"] for t in row["search"]] == [harness.METHODS[name].lam * s for s in grid]
         assert row["lam"] in [t["lam"] for t in row["search"]]
@@ -77,6 +78,7 @@ def test_publish_fills_the_pruners_block_and_draws_the_pareto_plot(harness, tmp_
             for m, lib, t, no_ft, acc, ms in [("l1", "slimdeploy", 1.5, 80.0, 88.5, 0.66),
                                               ("bnscale", "torch-pruning", 1.5, 10.0, 89.25, 0.65),
                                               ("uniform", "uniform", 1.5, None, 87.0, 0.67)]]
+    rows[1]["accuracy_no_ft_bn"] = 40.0
     doc = tmp_path / "results.md"
     doc.write_text("intro\n<!-- pruners:begin -->\nstale\n<!-- pruners:end -->\noutro\n")
     harness.publish(rows, doc, tmp_path / "pareto.png")
@@ -84,7 +86,7 @@ def test_publish_fills_the_pruners_block_and_draws_the_pareto_plot(harness, tmp_
     assert text.startswith("intro\n") and text.endswith("outro\n") and "stale" not in text
     lines = [line for line in text.splitlines() if line.startswith("| 1.5×")]
     assert [line.split(" | ")[1] for line in lines] == ["bnscale", "l1", "uniform"]  # best accuracy first
-    assert "| 10.00 | 89.25 | 0.650 | 1.54× | 1.69× |" in lines[0] and "| – | 87.00 |" in lines[2]
+    assert "| 10.00 | 40.00 | 89.25 | 0.650 | 1.54× | 1.69× |" in lines[0] and "| – | – | 87.00 |" in lines[2]
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
 
 
