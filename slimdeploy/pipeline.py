@@ -171,7 +171,16 @@ def _pruning_summary(ctx: RunContext, dense: nn.Module, outcome: api.PruneOutcom
         score_cut=plan.score_cut, round_to=plan.round_to, seconds=seconds, compensated=ctx.recipe.prune.compensate,
         error_vs_zeroed_gamma=_zeroed_gamma_check(ctx, dense, outcome),
         layers=[LayerWidth(name, before[name], after[name]) for name in before], proximal=proximal,
+        bn_recalibration_images=min(ctx.recipe.prune.bn_recalibration_images, len(ctx.data.train)),
     )
+
+
+def _recalibrate_bn(ctx: RunContext, model: nn.Module, images: int) -> None:
+    """Re-estimate the BN statistics of ``model`` on the first training images, as evaluation sees them;
+    weights untouched (torch's update_bn: a cumulative average over the batches)."""
+    x = first_images(ctx.data.train, images)
+    torch.optim.swa_utils.update_bn((ctx.normalize(chunk) for chunk in x.split(ctx.recipe.data.eval_batch_size)),
+                                    model)
 
 
 def prune_stage(ctx: RunContext, dense: nn.Module, sparsifier: Sparsifier) -> PruneResult:
@@ -190,6 +199,8 @@ def prune_stage(ctx: RunContext, dense: nn.Module, sparsifier: Sparsifier) -> Pr
     flat_scores = torch.cat([s.flatten().cpu() for s in scores.values()]).double().numpy()
     ctx.run_dir.write_pruning_plots(flat_scores, "|ξ|" if proximal else "|γ|", summary.layers)
     model = outcome.model.to(ctx.device, memory_format=ctx.normalize.memory_format)
+    if summary.bn_recalibration_images:
+        _recalibrate_bn(ctx, model, summary.bn_recalibration_images)
     accuracy = evaluate(model, ctx.data.test, ctx.normalize, recipe.data.eval_batch_size, ctx.progress)
     ctx.logger.info(f"pruned {summary.channels_total - summary.channels_kept} of {summary.channels_total} channels "
                     f"in {summary.seconds:.1f} s; accuracy {accuracy:.2f}% before fine-tuning")

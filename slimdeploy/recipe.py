@@ -282,6 +282,10 @@ class PruneCfg(_Section):
         "value only), none",
     )
     calibration_images: int = Field(64, ge=1, description="training images for compensation")
+    bn_recalibration_images: int = Field(
+        0, ge=0, description="after pruning, BN statistics re-estimated on this many training images, weights "
+        "untouched (adaptive BN: pruned past the zeros, every later BN sees other statistics); 0: off",
+    )
 
     def prune_kwargs(self) -> dict:
         """Keyword arguments of :func:`slimdeploy.prune` (``amount`` is the percent or the threshold)."""

@@ -74,12 +74,18 @@ def _ratio(a, b) -> str:
     return f"{a / b:.2f}×" if a and b else "–"
 
 
+def _recalibrated(report: RunReport) -> str:
+    images = report.pruning.bn_recalibration_images
+    return f", BN statistics re-estimated on {images} training images" if images else ""
+
+
 def _model_rows(report: RunReport) -> list[str]:
     """The dense-vs-pruned table's rows: accuracy, size, cost, then one row per latency setting."""
     d, p = report.dense, report.pruned
     rows = [
         f"| top-1 accuracy (%) | {_fmt(d.accuracy, '.2f')} | {_fmt(p.accuracy, '.2f')} | |",
-        f"| accuracy right after pruning (%) | | {_fmt(report.pruned_no_finetune_accuracy, '.2f')} | |",
+        f"| accuracy right after pruning{_recalibrated(report)} (%) | | "
+        f"{_fmt(report.pruned_no_finetune_accuracy, '.2f')} | |",
         f"| params | {d.params:,} | {p.params:,} | {_ratio(d.params, p.params)} |",
         f"| MACs ({report.macs_counter}) | {d.macs:,} | {p.macs:,} | {_ratio(d.macs, p.macs)} |",
         f"| MACs (torch.utils.flop_counter) | {d.macs_flop_counter:,} | {p.macs_flop_counter:,} | "

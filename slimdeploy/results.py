@@ -109,6 +109,7 @@ class PruningSummary(_Record):
     error_vs_zeroed_gamma: ZeroedGammaCheck
     layers: list[LayerWidth]
     proximal: ProximalSummary | None = None
+    bn_recalibration_images: int = 0  # BN statistics re-estimated on these training images after pruning
 
 
 @dataclass(frozen=True, kw_only=True)

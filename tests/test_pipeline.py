@@ -1,5 +1,6 @@
 """One end-to-end run of the CLI on synthetic data: the run directory and report.json contracts."""
 
+import copy
 import json
 import logging
 import subprocess
@@ -144,3 +145,40 @@ def test_quiet_keeps_warnings_only(package_logger, capsys):
     package_logger.info("stage done")
     package_logger.warning("careful")
     assert capsys.readouterr().out == "careful\n"
+
+
+def test_bn_recalibration_sets_the_statistics_of_the_first_training_images():
+    """After ``_recalibrate_bn`` on one batch, eval mode (running statistics) computes what train mode
+    (that batch's statistics) computes: the statistics are those images', whatever they were before."""
+    from types import SimpleNamespace
+
+    from helpers import trained_like
+    from slimdeploy.data import Normalize, first_images, make_synthetic
+    from slimdeploy.pipeline import _recalibrate_bn
+
+    data = make_synthetic(image_size=16, train_size=32, test_size=8)
+    ctx = SimpleNamespace(data=data, normalize=Normalize(data.mean, data.std, "cpu"),
+                          recipe=SimpleNamespace(data=SimpleNamespace(eval_batch_size=16)))
+    model = trained_like("resnet20")  # running statistics unrelated to these images
+    x = ctx.normalize(first_images(data.train, 16))
+    with torch.no_grad():
+        before = model.eval()(x)
+        _recalibrate_bn(ctx, model, 16)
+        assert not model.training
+        batch_stats = copy.deepcopy(model).train()(x)
+        # running_var is the unbiased variance, train mode normalises by the biased one: close, not equal
+        error = (model(x) - batch_stats).abs().max()
+        assert error <= 1e-2 * batch_stats.abs().max()
+        assert (before - batch_stats).abs().max() > 10 * error
+
+
+def test_pipeline_reports_bn_recalibration(tmp_path):
+    from helpers import tiny_recipe
+    from slimdeploy import pipeline
+    from slimdeploy.recipe import build_recipe
+
+    recipe = build_recipe(tiny_recipe(prune={"bn_recalibration_images": 8}))
+    report = pipeline.run(recipe, tmp_path, progress=False).report
+    assert report["pruning"]["bn_recalibration_images"] == 8
+    assert "accuracy right after pruning, BN statistics re-estimated on 8 training images (%)" in \
+        (tmp_path / "report.md").read_text()
