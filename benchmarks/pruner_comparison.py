@@ -63,9 +63,6 @@ from slimdeploy.train import save_atomic
 
 ROUND_TO = 16  # the AVX-512 SIMD block: every method's widths are aligned alike
 SETTINGS = ((1, 1), (64, 2))  # (batch, threads): the target's setting first
-# slimdeploy's compensation of removed channels. Pruned past the zeros, the per-position maps of "exact"
-# cost about 10 points after fine-tuning and an Add per layer; a plain bias keeps the gain before it.
-COMPENSATE = "bias"
 MAX_TRIALS = 6  # sparse trainings per method in the λ search: the grid, then steps past a winning end
 
 
@@ -203,8 +200,8 @@ def prune_to(model: nn.Module, method: Method, scores, example: torch.Tensor, ta
     """The pruned copy of ``model`` at the target speedup, and notes on how it was reached."""
     if method.library == "slimdeploy":
         pruned, plan = sd.prune(model, example, scores=scores, how="latency", target_speedup=target,
-                                round_to=ROUND_TO, compensate=COMPENSATE)
-        return pruned, {"plan_speedup": plan.notes["latency"]["chosen"]["speedup"], "compensate": COMPENSATE}
+                                round_to=ROUND_TO)
+        return pruned, {"plan_speedup": plan.notes["latency"]["chosen"]["speedup"]}
     # Torch-Pruning ranks by its own importance on the regularised model; the ratio is searched for
     pruned, ratio, speedup = prune_by_ratio_to(model, example, method.pruner, target)
     return pruned, {"pruning_ratio": ratio, "plan_speedup": speedup}
@@ -284,14 +281,14 @@ def recalibrated(model: nn.Module, data: Data, budget: Budget, batches: int = 20
 
 @dataclass(frozen=True)
 class TrialCache:
-    """Sparse-trained trial models on disk, keyed by method, λ, budget and the dense model's file: a rerun
-    (or a wider search) trains only what it has not trained yet."""
+    """Sparse-trained trial models on disk, keyed by method, λ, budget and where they start (the dense
+    model and the data): a rerun (or a wider search) trains only what it has not trained yet."""
 
     folder: Path
-    dense_digest: str
+    start: str
 
     def path(self, method: Method, budget: Budget) -> Path:
-        key = json.dumps([asdict(method), asdict(budget), self.dense_digest], sort_keys=True)
+        key = json.dumps([asdict(method), asdict(budget), self.start], sort_keys=True)
         return self.folder / f"{method.name}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
 
@@ -407,7 +404,8 @@ def table(rows: list[dict]) -> str:
         b64 = next((t["speedup"] for t in row.get("timings", []) if t["batch"] == 64), None)
         lines.append(f"| {row['target']:g}× | {row['method']} | {row['library']} | "
                      f"{pct(row.get('accuracy_sparse'))} | {pct(row['accuracy_no_ft'])} | "
-                     f"{pct(row.get('accuracy_no_ft_bn'))} | {row['accuracy']:.2f} | {row['latency_ms']:.3f} | {row['speedup']:.2f}× | "
+                     f"{pct(row.get('accuracy_no_ft_bn'))} | {row['accuracy']:.2f} | {row['latency_ms']:.3f} | "
+                     f"{row['speedup']:.2f}× | "
                      f"{'–' if b64 is None else f'{b64:.2f}×'} | {row['macs'] / 1e6:.1f} | "
                      f"{row['params'] / 1e3:.0f} | {epochs(row)} |")
     return "\n".join(lines) + "\n"
@@ -492,7 +490,8 @@ def main():
                      "accuracy": top1(dense, data.test, data.normalize, 500),
                      "latency_ms": speedups(dense, dense, data.shape, SETTINGS[:1])[0]["dense_ms"], "speedup": 1.0,
                      "macs": count_macs(dense, data.shape), "params": count_params(dense)})
-    cache = TrialCache(args.cache, hashlib.sha256(Path(args.dense).read_bytes()).hexdigest())
+    # the dense model's file and the validation split it leaves out of training
+    cache = TrialCache(args.cache, f"{hashlib.sha256(Path(args.dense).read_bytes()).hexdigest()}:{args.holdout}")
     for name in args.methods:
         done = [r for r in rows if r["method"] == name]
         if done and all(r.get("budget") == asdict(budget) for r in done) and (
