@@ -6,15 +6,20 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import onnx
 import pytest
 import torch
 
-from slimdeploy import logs
-from slimdeploy.pipeline import load_pruned
+from slimdeploy import logs, pipeline
+from slimdeploy.data import Normalize, first_images, make_synthetic
+from slimdeploy.pipeline import _recalibrate_bn, load_pruned
+from slimdeploy.recipe import build_recipe
 from slimdeploy.results import RunReport
 from slimdeploy.train import load_checkpoint
+
+from helpers import tiny_recipe, trained_like
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [
@@ -150,12 +155,6 @@ def test_quiet_keeps_warnings_only(package_logger, capsys):
 def test_bn_recalibration_sets_the_statistics_of_the_first_training_images():
     """After ``_recalibrate_bn`` on one batch, eval mode (running statistics) computes what train mode
     (that batch's statistics) computes: the statistics are those images', whatever they were before."""
-    from types import SimpleNamespace
-
-    from helpers import trained_like
-    from slimdeploy.data import Normalize, first_images, make_synthetic
-    from slimdeploy.pipeline import _recalibrate_bn
-
     data = make_synthetic(image_size=16, train_size=32, test_size=8)
     ctx = SimpleNamespace(data=data, normalize=Normalize(data.mean, data.std, "cpu"),
                           recipe=SimpleNamespace(data=SimpleNamespace(eval_batch_size=16)))
@@ -173,10 +172,6 @@ def test_bn_recalibration_sets_the_statistics_of_the_first_training_images():
 
 
 def test_pipeline_reports_bn_recalibration(tmp_path):
-    from helpers import tiny_recipe
-    from slimdeploy import pipeline
-    from slimdeploy.recipe import build_recipe
-
     recipe = build_recipe(tiny_recipe(prune={"bn_recalibration_images": 8}))
     report = pipeline.run(recipe, tmp_path, progress=False).report
     assert report["pruning"]["bn_recalibration_images"] == 8
