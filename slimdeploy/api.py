@@ -84,6 +84,7 @@ def prune(
     model_kwargs: dict | None = None,
     target_speedup: float | None = None,
     target_ms: float | None = None,
+    latency_fit: str = "within",
     latency_table=None,
     latency_batch: int = 1,
     latency_threads: int = 1,
@@ -96,7 +97,8 @@ def prune(
     lowest-scoring channels, ``threshold`` those below ``amount``, ``zeros`` those scoring exactly 0
     (proximal NS), ``latency`` keeps the most score within a latency budget measured in onnxruntime on
     this machine (``target_speedup`` over the dense model, or ``target_ms``, at ``latency_batch`` and
-    ``latency_threads``; the per-layer ``latency_table`` JSON is cached, by default under
+    ``latency_threads``; ``latency_fit``: measured ``within`` ±5 % of the target, or ``at_most`` the
+    target latency and within 5 % of it, for a budget the model must not exceed; the per-layer ``latency_table`` JSON is cached, by default under
     ~/.cache/slimdeploy/latency/; see :mod:`slimdeploy.latency`).
     ``round_to``: kept widths a multiple of N (``"auto"``: the CPU's SIMD block).
     ``compensate``: what removed channels still fed forward (their BN shift β) is folded into the next
@@ -109,7 +111,7 @@ def prune(
     outcome = prune_with_record(model, example_inputs, scores, how, amount, round_to, min_channels, compensate,
                                 calibration, score_reduce=score_reduce, model_name=model_name,
                                 model_kwargs=model_kwargs, target_speedup=target_speedup, target_ms=target_ms,
-                                latency_table=latency_table, latency_batch=latency_batch,
+                                latency_fit=latency_fit, latency_table=latency_table, latency_batch=latency_batch,
                                 latency_threads=latency_threads)
     return outcome.model, outcome.plan
 
@@ -117,10 +119,10 @@ def prune(
 def prune_with_record(model, example_inputs, scores=None, how="percent", amount=0.5, round_to=None,
                       min_channels=1, compensate="exact", calibration=None, *, score_reduce="max",
                       model_name=None, model_kwargs=None, target_speedup=None, target_ms=None,
-                      latency_table=None, latency_batch=1, latency_threads=1) -> PruneOutcome:
+                      latency_fit="within", latency_table=None, latency_batch=1, latency_threads=1) -> PruneOutcome:
     """:func:`prune`, also returning which BN channels the plan removed (for measuring compensation)."""
     if how == "latency":
-        latency.check_targets(target_speedup, target_ms)
+        latency.check_targets(target_speedup, target_ms, latency_fit)
     elif target_speedup is not None or target_ms is not None:
         raise InputError(f"target_speedup and target_ms are for how='latency', not how={how!r}")
     if compensate not in COMPENSATIONS:
@@ -157,7 +159,7 @@ def prune_with_record(model, example_inputs, scores=None, how="percent", amount=
         pruned, example_inputs, graph, groups, [group_scores(g, scores, score_reduce) for g in groups],
         prune_to_widths, target_speedup=target_speedup, target_ms=target_ms,
         round_to=simd_block() if round_to == "auto" else round_to, min_channels=min_channels,
-        batch=latency_batch, threads=latency_threads, table_path=latency_table,
+        batch=latency_batch, threads=latency_threads, table_path=latency_table, fit=latency_fit,
     )
 
 

@@ -14,7 +14,9 @@
    on score per millisecond would be HALP's cheaper alternative, but latency is not monotone in width
    (SIMD steps), where greedy choices go wrong.
 3. **Check.** The pruned model is exported and timed interleaved with the dense one; while it misses
-   the target by more than the tolerance, the budget is rescaled by target / measured and re-planned.
+   the target's band, the budget is rescaled by aim / measured and re-planned. The band is ``within``
+   ±5 % of the target, or ``at_most`` the target and no more than 5 % below it (a budget the deployed
+   model must not exceed; the aim is the band's middle, so timing noise rarely pushes it over).
    A target that the smallest allowed widths miss is out of reach: an error says what they measured.
 """
 
@@ -40,6 +42,8 @@ from slimdeploy.graph import ChannelGroup, output_layers
 from slimdeploy.ortbench import CALL_OVERHEAD_KEY, ConvSpec
 
 TOLERANCE = 0.05  # the measured latency must land within ±5 % of the target
+# How the measured latency must relate to the target: the band of (measured / target - 1) accepted.
+FITS = {"within": (-TOLERANCE, TOLERANCE), "at_most": (-TOLERANCE, 0.0)}
 KNAPSACK_BINS = 2000
 
 
@@ -337,18 +341,27 @@ def choose_widths(cost: CostModel, choices: list[GroupChoices], budget_ms: float
     return best
 
 
-def _next_budget(rounds: list[dict]) -> float:
-    """Rescale the last budget by target / measured; once measurements bracket the target,
-    interpolate between the closest ones on either side (measurements are too noisy for more)."""
+def _next_budget(rounds: list[dict], aim: float = 0.0) -> float:
+    """Rescale the last budget by aimed / measured latency (the aim is target × (1 + aim)); once
+    measurements bracket the aim, interpolate between the closest ones on either side (measurements
+    are too noisy for more)."""
     last = rounds[-1]
-    over = [r for r in rounds if r["pruned_ms"] > r["target_ms"]]
-    under = [r for r in rounds if r["pruned_ms"] <= r["target_ms"]]
+    over = [r for r in rounds if r["error"] > aim]
+    under = [r for r in rounds if r["error"] <= aim]
     if not over or not under:
-        return last["budget_ms"] * last["target_ms"] / last["pruned_ms"]
+        return last["budget_ms"] * last["target_ms"] * (1 + aim) / last["pruned_ms"]
     a = min(over, key=lambda r: r["error"])
     b = max(under, key=lambda r: r["error"])
-    share = a["error"] / (a["error"] - b["error"])  # where the error crosses zero, linearly
+    share = (a["error"] - aim) / (a["error"] - b["error"])  # where the error crosses the aim, linearly
     return a["budget_ms"] + share * (b["budget_ms"] - a["budget_ms"])
+
+
+def _closest(rounds: list[dict], fit: str) -> int:
+    """The round to keep: for ``at_most``, one that meets the target if any does; then nearest the aim."""
+    low, high = FITS[fit]
+    aim = (low + high) / 2
+    return min(range(len(rounds)),
+               key=lambda i: (fit == "at_most" and rounds[i]["error"] > high, abs(rounds[i]["error"] - aim)))
 
 
 # --- the measured correction loop --------------------------------------------------------------------
@@ -364,16 +377,18 @@ def fit_to_latency(dense: nn.Module, example: torch.Tensor, graph, groups: list[
                    scores: list[torch.Tensor], prune_fn, *, target_speedup: float | None = None,
                    target_ms: float | None = None, round_to: int | None = None, min_channels: int = 1,
                    batch: int = 1, threads: int = 1, table_path=None, iters: int = 300,
-                   max_rounds: int = 6, tolerance: float = TOLERANCE):
+                   max_rounds: int = 6, fit: str = "within"):
     """Plan, prune (``prune_fn(kept_widths)`` returns an outcome with ``.model`` and ``.plan``), export
-    and time until the pruned model's measured latency is within ``tolerance`` of the target.
+    and time until the pruned model's measured latency is in the band ``fit`` names (:data:`FITS`).
 
-    Returns the outcome of the round closest to the target; its ``plan.notes["latency"]`` holds each
-    round's budget, prediction and measurement.
+    Returns the outcome of the round closest to the band (see :func:`_closest`); its
+    ``plan.notes["latency"]`` holds each round's budget, prediction and measurement.
     """
     from slimdeploy.export import export_onnx
 
-    check_targets(target_speedup, target_ms)
+    check_targets(target_speedup, target_ms, fit)
+    low, high = FITS[fit]
+    aim = (low + high) / 2
     choices = [group_choices(g, position_scores(g, s), round_to, min_channels) for g, s in zip(groups, scores)]
     cost, path = latency_table(dense, example, graph, groups, choices, batch, threads, table_path)
     input_shape = tuple(example.shape[1:])
@@ -388,8 +403,8 @@ def fit_to_latency(dense: nn.Module, example: torch.Tensor, graph, groups: list[
         # What the table does not see (adds, pools, the head) mostly scales with the widths too: the
         # model's latency is taken as proportional to its convs'.
         scale = dense_ms / cost.total_ms(cost.dense)
-        budget = target_ms or dense_ms / target_speedup
-        rounds, pruned, best = [], {}, None
+        budget = (target_ms or dense_ms / target_speedup) * (1 + aim)
+        rounds, outcomes, pruned = [], [], {}
         for _ in range(max_rounds):
             widths = choose_widths(cost, choices, budget / scale)
             if tuple(widths) not in pruned:  # a repeated choice is timed again: noise, not the plan, moved
@@ -403,22 +418,24 @@ def fit_to_latency(dense: nn.Module, example: torch.Tensor, graph, groups: list[
             rounds.append({"budget_ms": budget, "predicted_ms": scale * cost.total_ms(widths),
                            "dense_ms": dense_now, "pruned_ms": pruned_now, "target_ms": target_now,
                            "speedup": dense_now / pruned_now, "error": error})
-            if error > tolerance and widths == smallest:
+            outcomes.append(outcome)
+            if error > high and widths == smallest:
                 raise InputError(_out_of_reach(rounds[-1], target_speedup, target_ms, round_to, min_channels))
-            if best is None or abs(error) < abs(best[1]["error"]):
-                best = (outcome, rounds[-1])
-            if abs(error) <= tolerance:
+            if low <= error <= high:
                 break
-            budget = _next_budget(rounds)
-    outcome, final = best
-    within = abs(final["error"]) <= tolerance
+            budget = _next_budget(rounds, aim)
+    keep = _closest(rounds, fit)
+    outcome, final = outcomes[keep], rounds[keep]
+    within = low <= final["error"] <= high
     if not within:
         warnings.warn(f"latency pruning: measured {final['pruned_ms']:.3f} ms against a target of "
-                      f"{final['target_ms']:.3f} ms after {len(rounds)} rounds ({final['error']:+.1%})", stacklevel=2)
+                      f"{final['target_ms']:.3f} ms ({fit}) after {len(rounds)} rounds ({final['error']:+.1%})",
+                      stacklevel=2)
     outcome.plan.notes["latency"] = {
-        "target_speedup": target_speedup, "target_ms": target_ms, "tolerance": tolerance, "batch": batch,
-        "threads": threads, "table": str(path), "solver": "multiple-choice knapsack, dynamic programming",
-        "rounds": rounds, "chosen": final, "within_tolerance": within,
+        "target_speedup": target_speedup, "target_ms": target_ms, "fit": fit, "band": [low, high],
+        "tolerance": TOLERANCE, "batch": batch, "threads": threads, "table": str(path),
+        "solver": "multiple-choice knapsack, dynamic programming", "rounds": rounds, "chosen": final,
+        "within_tolerance": within,  # within the band
     }
     return outcome
 
@@ -432,7 +449,9 @@ def _out_of_reach(measured: dict, target_speedup, target_ms, round_to, min_chann
             f"ask for less, or allow narrower widths")
 
 
-def check_targets(target_speedup: float | None, target_ms: float | None) -> None:
+def check_targets(target_speedup: float | None, target_ms: float | None, fit: str = "within") -> None:
+    if fit not in FITS:
+        raise InputError(f"latency_fit must be one of {', '.join(FITS)}, got {fit!r}")
     if (target_speedup is None) == (target_ms is None):
         raise InputError("latency pruning needs exactly one of target_speedup and target_ms")
     if target_speedup is not None and not target_speedup > 1:

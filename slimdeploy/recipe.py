@@ -270,6 +270,9 @@ class PruneCfg(_Section):
                                          "model to reach, within ±5 %")
     target_ms: float | None = Field(None, gt=0, validate_default=True,
                                     description="how: latency: pruned latency to reach (ms per batch), within ±5 %")
+    latency_fit: Literal["within", "at_most"] = Field(
+        "within", description="how: latency: the measured latency lands within ±5 % of the target, or at_most "
+        "the target and no more than 5 % below it (a budget the pruned model must not exceed)")
     percent: float = Field(0.5, ge=0, lt=1, description="share of prunable channels removed (global threshold)")
     threshold: float = Field(0.01, ge=0, description="channels whose score is below this go (how: threshold)")
     min_channels: int = Field(1, ge=1, description="channels kept at least per group")
@@ -293,7 +296,7 @@ class PruneCfg(_Section):
                       round_to=self.round_to, min_channels=self.min_channels, compensate=self.compensate,
                       score_reduce=self.score_reduce)
         if self.how == "latency":
-            kwargs.update(target_speedup=self.target_speedup, target_ms=self.target_ms)
+            kwargs.update(target_speedup=self.target_speedup, target_ms=self.target_ms, latency_fit=self.latency_fit)
         return kwargs
 
     @field_validator("how")
@@ -321,6 +324,13 @@ class PruneCfg(_Section):
         if how == "latency" and ms is None and speedup is None:
             raise ValueError("how: latency needs target_speedup or target_ms")
         return ms
+
+    @field_validator("latency_fit")
+    @classmethod
+    def _fit_for_latency(cls, fit: str, info) -> str:  # runs only when the key is given
+        if info.data.get("how", "latency") != "latency":
+            raise ValueError("is only used with how: latency")
+        return fit
 
     @field_validator("round_to")
     @classmethod

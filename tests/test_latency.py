@@ -199,6 +199,9 @@ def test_make_plan_latency_keeps_the_best_channels_at_the_given_widths():
     (["prune.how=latency"], "prune.target_ms: how: latency needs target_speedup or target_ms"),
     (["prune.target_speedup=2"], "prune.target_speedup: is only used with how: latency"),
     (["prune.how=latency", "prune.target_ms=0"], "prune.target_ms: Input should be greater than 0"),
+    (["prune.how=latency", "prune.target_ms=1", "prune.latency_fit=below"],
+     "prune.latency_fit: Input should be 'within' or 'at_most'"),
+    (["prune.latency_fit=at_most"], "prune.latency_fit: is only used with how: latency"),
 ])
 def test_recipe_latency_errors_name_the_key(overrides, key):
     with pytest.raises(RecipeError, match=key) as err:
@@ -209,6 +212,31 @@ def test_recipe_latency_errors_name_the_key(overrides, key):
 def test_recipe_latency_prune_kwargs():
     kwargs = build_recipe({}, ["prune.how=latency", "prune.target_speedup=1.5"]).prune.prune_kwargs()
     assert kwargs["how"] == "latency" and kwargs["target_speedup"] == 1.5 and kwargs["target_ms"] is None
+    assert kwargs["latency_fit"] == "within"
+    kwargs = build_recipe({}, ["prune.how=latency", "prune.target_ms=2", "prune.latency_fit=at_most"]).prune.prune_kwargs()
+    assert kwargs["latency_fit"] == "at_most" and kwargs["target_ms"] == 2
+
+
+def _round(error, budget=1.0, target=1.0):
+    return {"budget_ms": budget, "target_ms": target, "pruned_ms": target * (1 + error), "error": error}
+
+
+def test_at_most_keeps_a_round_that_meets_the_target_over_a_closer_one_above_it():
+    rounds = [_round(+0.01), _round(-0.09), _round(+0.07)]
+    assert latency._closest(rounds, "within") == 0  # nearest the target
+    assert latency._closest(rounds, "at_most") == 1  # the only one at most the target
+    assert latency._closest([_round(+0.03), _round(+0.01)], "at_most") == 1  # none meets it: the nearest
+    assert latency._closest([_round(-0.005), _round(-0.03)], "at_most") == 1  # both meet it: nearest the aim, -2.5 %
+
+
+def test_next_budget_aims_at_the_middle_of_the_band():
+    # One round: rescale so that the same model would land on the aim.
+    assert latency._next_budget([_round(+0.10, budget=1.0)], aim=0.0) == pytest.approx(1 / 1.10)
+    assert latency._next_budget([_round(+0.10, budget=1.0)], aim=-0.025) == pytest.approx(0.975 / 1.10)
+    # Bracketing rounds: linear interpolation to where the error crosses the aim.
+    rounds = [_round(+0.02, budget=1.0), _round(-0.08, budget=0.9)]
+    assert latency._next_budget(rounds, aim=0.0) == pytest.approx(0.98)
+    assert latency._next_budget(rounds, aim=-0.025) == pytest.approx(0.955)
 
 
 def test_prune_refuses_latency_targets_for_other_modes():
@@ -217,10 +245,13 @@ def test_prune_refuses_latency_targets_for_other_modes():
         sd.prune(model, torch.randn(2, 3, 32, 32), how="percent", target_speedup=2.0)
     with pytest.raises(InputError, match="exactly one of target_speedup and target_ms"):
         sd.prune(model, torch.randn(2, 3, 32, 32), how="latency")
+    with pytest.raises(InputError, match="latency_fit must be one of within, at_most, got 'under'"):
+        sd.prune(model, torch.randn(2, 3, 32, 32), how="latency", target_speedup=2.0, latency_fit="under")
 
 
 @pytest.mark.slow
-def test_resnet20_reaches_the_measured_speedup(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fit", ["within", "at_most"])
+def test_resnet20_reaches_the_measured_speedup(tmp_path, monkeypatch, fit):
     # The correction loop's logic, not this machine's timing noise, is under test: the models it exports
     # and its per-layer table are "timed" by a deterministic stand-in: latency proportional to the size
     # of the ONNX model (its weights).
@@ -236,11 +267,13 @@ def test_resnet20_reaches_the_measured_speedup(tmp_path, monkeypatch):
             bn.weight.data = torch.rand(bn.num_features)
     x = torch.randn(16, 3, 32, 32)
     pruned, plan = sd.prune(model, x, how="latency", target_speedup=1.5, round_to=8,
-                            latency_table=tmp_path / "table.json")
+                            latency_table=tmp_path / "table.json", latency_fit=fit)
     notes = plan.notes["latency"]
     chosen = notes["chosen"]  # the correction loop's own final measurement
-    assert notes["within_tolerance"] and abs(chosen["speedup"] / 1.5 - 1) <= 0.06
+    assert notes["within_tolerance"] and notes["fit"] == fit and abs(chosen["speedup"] / 1.5 - 1) <= 0.06
     assert abs(chosen["error"]) <= latency.TOLERANCE
+    if fit == "at_most":
+        assert chosen["pruned_ms"] <= chosen["target_ms"] and chosen["speedup"] >= 1.5
     assert plan.how == "latency" and plan.channels_kept < plan.channels_total
     assert all(g.kept % 8 == 0 or g.kept == g.channels for g in plan.groups)
     assert pruned(x).shape == (16, 10)

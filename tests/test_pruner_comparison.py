@@ -55,8 +55,8 @@ def test_each_library_reaches_the_target_with_a_complete_row(harness, data, size
     assert all(torch.equal(v, before[k]) for k, v in dense.state_dict().items())  # the start stays untouched
     (row,) = rows
     assert ROW_KEYS <= row.keys() and row["method"] == name and row["target"] == 1.3
-    # the stand-in timing is exact, so the target is met (within the latency loop's tolerance)
-    assert row["speedup"] >= 1.3 * 0.95 and row["macs"] < harness.count_macs(dense, data.shape)
+    # the stand-in timing is exact, so every library meets the target (slimdeploy's latency_fit at_most)
+    assert row["speedup"] >= 1.3 and row["macs"] < harness.count_macs(dense, data.shape)
     assert 0 <= row["accuracy"] <= 100
     for key in ("accuracy_no_ft", "accuracy_no_ft_bn"):
         assert row.get(key) is None if name == "uniform" else 0 <= row[key] <= 100
