@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from slimdeploy.errors import InputError  # noqa: E402
 from slimdeploy.results import (  # noqa: E402
     Int8Summary, LatencyRow, LayerWidth, PruningSummary, RunReport, SparsitySummary,
 )
@@ -267,10 +268,14 @@ def plot_comparison(runs: list[Run], out_dir: Path) -> list[Path]:
 
 
 def write_marked(path: Path, text: str, name: str = "compare") -> None:
-    """Replace the block between the ``name`` markers of an existing document, or write ``text`` alone."""
+    """Replace the block between the ``name`` markers of an existing document, or write ``text`` to a new
+    (or empty) file. A document without the markers is refused, not overwritten: it was written by hand."""
     begin, end = markers(name)
     doc = path.read_text() if path.is_file() else ""
     if begin in doc and end in doc:
         block = f"{begin}\n{text}{end}"
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, doc, count=1, flags=re.S)
+    elif doc.strip():
+        raise InputError(f"{path}: has no block between {begin} and {end} to replace; add the two lines where "
+                         "the table goes, or write to a new file")
     path.write_text(text)

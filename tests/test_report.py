@@ -10,6 +10,7 @@ import pytest
 
 from slimdeploy.cli import compare
 from slimdeploy.distributed import Processes
+from slimdeploy.errors import InputError
 from slimdeploy.ortbench import LatencyStats
 from slimdeploy.report import BEGIN, END, comparison_table, markdown, plot_comparison, sparsity_label, write_marked
 from slimdeploy.results import (
@@ -276,6 +277,14 @@ def test_write_marked_replaces_only_the_block(tmp_path):
     assert alone.read_text() == "| new |\n"
 
 
+def test_write_marked_refuses_a_hand_written_document_without_the_markers(tmp_path):
+    doc = tmp_path / "notes.md"
+    doc.write_text("# My notes\nhand-written\n")
+    with pytest.raises(InputError, match=f"notes.md: has no block between {BEGIN} and {END}"):
+        write_marked(doc, "| new |\n")
+    assert doc.read_text() == "# My notes\nhand-written\n"  # untouched
+
+
 def test_compare_cli_reads_run_dirs_and_files(report, tmp_path, capsys):
     run_dir = RunDir(tmp_path / "l1")
     run_dir.root.mkdir()
@@ -286,6 +295,12 @@ def test_compare_cli_reads_run_dirs_and_files(report, tmp_path, capsys):
     rows = md.read_text().splitlines()
     assert len(rows) == 4 and rows[2].startswith("| l1 |") and rows[3].startswith("| tl1 |")
     assert (tmp_path / "plots" / "accuracy_vs_latency.png").is_file()
+    hand_written = tmp_path / "README.md"
+    hand_written.write_text("# Results\n")
+    assert compare.main([str(other), "--out", str(tmp_path / "plots"), "--md", str(hand_written)]) != 0
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: {hand_written}: has no block") and "\n" not in error
+    assert hand_written.read_text() == "# Results\n"
 
 
 def test_compare_cli_refuses_a_newer_report_in_one_line(report, tmp_path, capsys):

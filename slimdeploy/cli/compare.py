@@ -51,7 +51,11 @@ def main(argv=None) -> int:
     for path in plot_comparison(runs, out):
         print(f"wrote {path}")
     if args.md:
-        write_marked(Path(args.md), text)
+        try:
+            write_marked(Path(args.md), text)
+        except SlimdeployError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return err.exit_code
     return 0
 
 
