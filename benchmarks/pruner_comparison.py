@@ -86,9 +86,16 @@ class Method:
     lam: float = 0.0  # base λ (Torch-Pruning: reg); the search scales it by the grid
     sparsify: dict = field(default_factory=dict)  # sd.sparsify keywords
     pruner: str = ""  # Torch-Pruning: magnitude, bnscale, groupnorm
+    importance: str = "bn"  # slimdeploy: what ranks the channels sd.prune removes
 
     def with_lam(self, lam: float) -> "Method":
         return replace(self, lam=lam)
+
+    def training(self) -> dict:
+        """What its sparse phase depends on: a variant that only prunes differently, named
+        ``base+importance``, shares the trainings of its base method."""
+        return {"name": self.name.split("+")[0], "library": self.library, "lam": self.lam,
+                "sparsify": self.sparsify, "pruner": self.pruner}
 
 
 # One base λ for every subgradient regulariser, searched alike by --grid: over one sparse epoch at lr 0.01,
@@ -106,6 +113,10 @@ METHODS = {m.name: m for m in [
     Method("scad", "slimdeploy", LAM, {"penalty": "scad"}),
     Method("proximal_l1", "slimdeploy", PROXIMAL_LAM, {"method": "proximal", "penalty": "l1"}),
     Method("proximal_tl1", "slimdeploy", PROXIMAL_LAM, {"method": "proximal", "penalty": "tl1", "a": 1.0}),
+    # the same trainings, channels ranked by the norm of their coupled weights (DepGraph's) instead of |γ|/ξ
+    Method("l1+group_norm", "slimdeploy", LAM, {"penalty": "l1"}, importance="group_norm"),
+    Method("proximal_l1+group_norm", "slimdeploy", PROXIMAL_LAM, {"method": "proximal", "penalty": "l1"},
+           importance="group_norm"),
     Method("magnitude", "torch-pruning", 0.0, pruner="magnitude"),
     Method("bnscale", "torch-pruning", LAM, pruner="bnscale"),
     Method("groupnorm", "torch-pruning", LAM, pruner="groupnorm"),
@@ -203,7 +214,7 @@ def prune_to(model: nn.Module, method: Method, scores, example: torch.Tensor, ta
     """The pruned copy of ``model`` at the target speedup, and notes on how it was reached."""
     if method.library == "slimdeploy":
         pruned, plan = sd.prune(model, example, scores=scores, how="latency", target_speedup=target,
-                                round_to=ROUND_TO, latency_fit=LATENCY_FIT)
+                                round_to=ROUND_TO, latency_fit=LATENCY_FIT, importance=method.importance)
         return pruned, {"plan_speedup": plan.notes["latency"]["chosen"]["speedup"]}
     # Torch-Pruning ranks by its own importance on the regularised model; the ratio is searched for
     pruned, ratio, speedup = prune_by_ratio_to(model, example, method.pruner, target)
@@ -291,8 +302,9 @@ class TrialCache:
     start: str
 
     def path(self, method: Method, budget: Budget) -> Path:
-        key = json.dumps([asdict(method), asdict(budget), self.start], sort_keys=True)
-        return self.folder / f"{method.name}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+        training = method.training()
+        key = json.dumps([training, asdict(budget), self.start], sort_keys=True)
+        return self.folder / f"{training['name']}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
 
 def sparse_trained(dense: nn.Module, method: Method, data: Data, budget: Budget, cache: TrialCache | None):

@@ -24,6 +24,7 @@ from slimdeploy.errors import InputError
 from slimdeploy.export import ExportCheck, verify_onnx
 from slimdeploy.export import export_onnx as _export
 from slimdeploy.graph import build_graph, channel_groups
+from slimdeploy.importance import IMPORTANCES, ranking_scores
 from slimdeploy.models.registry import output_classes
 from slimdeploy.plan import ChannelPlan, group_scores, make_plan, simd_block, zero_channels
 from slimdeploy.prune import apply_plan, rebuild_pruned, removed_bn_channels
@@ -80,6 +81,7 @@ def prune(
     calibration: torch.Tensor | None = None,
     *,
     score_reduce: str = "max",
+    importance: str = "bn",
     model_name: str | None = None,
     model_kwargs: dict | None = None,
     target_speedup: float | None = None,
@@ -105,11 +107,14 @@ def prune(
     layers: ``exact`` (a bias, plus per-position maps where zero padding makes it vary, for channels
     scoring 0; fixes the input size), ``bias`` or ``none``; measured on ``calibration`` (default
     ``example_inputs``). Channels pruned past the zeros still varied: they get the bias alone.
+    ``importance``: what ranks the channels: ``bn``, the scores themselves; ``group_norm``, the norm of
+    every weight tied to the channel across its coupled group (DepGraph's), with channels scoring exactly
+    0 still first (see :mod:`slimdeploy.importance`).
     ``model_name``/``model_kwargs``: how :func:`load_pruned` builds the unpruned model (default: the
     model's class, called with no arguments). ``model`` itself is not modified.
     """
     outcome = prune_with_record(model, example_inputs, scores, how, amount, round_to, min_channels, compensate,
-                                calibration, score_reduce=score_reduce, model_name=model_name,
+                                calibration, score_reduce=score_reduce, importance=importance, model_name=model_name,
                                 model_kwargs=model_kwargs, target_speedup=target_speedup, target_ms=target_ms,
                                 latency_fit=latency_fit, latency_table=latency_table, latency_batch=latency_batch,
                                 latency_threads=latency_threads)
@@ -118,13 +123,15 @@ def prune(
 
 def prune_with_record(model, example_inputs, scores=None, how="percent", amount=0.5, round_to=None,
                       min_channels=1, compensate="exact", calibration=None, *, score_reduce="max",
-                      model_name=None, model_kwargs=None, target_speedup=None, target_ms=None,
+                      importance="bn", model_name=None, model_kwargs=None, target_speedup=None, target_ms=None,
                       latency_fit="within", latency_table=None, latency_batch=1, latency_threads=1) -> PruneOutcome:
     """:func:`prune`, also returning which BN channels the plan removed (for measuring compensation)."""
     if how == "latency":
         latency.check_targets(target_speedup, target_ms, latency_fit)
     elif target_speedup is not None or target_ms is not None:
         raise InputError(f"target_speedup and target_ms are for how='latency', not how={how!r}")
+    if importance not in IMPORTANCES:
+        raise InputError(f"importance must be one of {', '.join(IMPORTANCES)}, got {importance!r}")
     if compensate not in COMPENSATIONS:
         raise InputError(f"compensate must be one of {', '.join(COMPENSATIONS)}, got {compensate!r}")
     if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() < 2:
@@ -139,6 +146,8 @@ def prune_with_record(model, example_inputs, scores=None, how="percent", amount=
         scores = {name: bn.weight.detach().abs() for name, bn in select_bns(pruned).items()}
     elif hasattr(scores, "scores"):
         scores = scores.scores()
+    groups = channel_groups(pruned, graph)
+    scores = ranking_scores(pruned, graph, groups, scores, importance)
     if model_name is None:
         model_name = f"{type(model).__module__}:{type(model).__qualname__}"
     plan_kwargs = dict(how=how, amount=amount, min_channels=min_channels, round_to=round_to,
@@ -147,20 +156,21 @@ def prune_with_record(model, example_inputs, scores=None, how="percent", amount=
     if compensate != "none":
         calibration = (example_inputs if calibration is None else calibration).to(device)
     if how != "latency":
-        return _prune_traced(pruned, graph, scores, plan_kwargs, compensate, calibration)
+        outcome = _prune_traced(pruned, graph, scores, plan_kwargs, compensate, calibration)
+    else:
+        def prune_to_widths(kept_widths: dict) -> PruneOutcome:
+            copied = copy.deepcopy(model)
+            return _prune_traced(copied, build_graph(copied, example_inputs[:1]), scores,
+                                 {**plan_kwargs, "kept_widths": kept_widths}, compensate, calibration)
 
-    def prune_to_widths(kept_widths: dict) -> PruneOutcome:
-        copied = copy.deepcopy(model)
-        return _prune_traced(copied, build_graph(copied, example_inputs[:1]), scores,
-                             {**plan_kwargs, "kept_widths": kept_widths}, compensate, calibration)
-
-    groups = channel_groups(pruned, graph)
-    return latency.fit_to_latency(
-        pruned, example_inputs, graph, groups, [group_scores(g, scores, score_reduce) for g in groups],
-        prune_to_widths, target_speedup=target_speedup, target_ms=target_ms,
-        round_to=simd_block() if round_to == "auto" else round_to, min_channels=min_channels,
-        batch=latency_batch, threads=latency_threads, table_path=latency_table, fit=latency_fit,
-    )
+        outcome = latency.fit_to_latency(
+            pruned, example_inputs, graph, groups, [group_scores(g, scores, score_reduce) for g in groups],
+            prune_to_widths, target_speedup=target_speedup, target_ms=target_ms,
+            round_to=simd_block() if round_to == "auto" else round_to, min_channels=min_channels,
+            batch=latency_batch, threads=latency_threads, table_path=latency_table, fit=latency_fit,
+        )
+    outcome.plan.notes["importance"] = importance
+    return outcome
 
 
 def _prune_traced(pruned, graph, scores, plan_kwargs: dict, compensate: str, calibration) -> PruneOutcome:

@@ -278,6 +278,10 @@ class PruneCfg(_Section):
     min_channels: int = Field(1, ge=1, description="channels kept at least per group")
     round_to: int | Literal["auto"] | None = Field(None, description="kept widths multiple of N; auto: SIMD block")
     score_reduce: Literal["max", "mean", "sum"] = "max"
+    importance: Literal["bn", "group_norm"] = Field(
+        "bn", description="what ranks channels: bn, the sparsified BN scores (|γ|, or ξ for proximal NS); "
+        "group_norm, the norm of every weight tied to the channel across its coupled group (DepGraph), with "
+        "channels scoring exactly 0 still first")
     compensate: Literal["exact", "bias", "none"] = Field(
         "exact",
         description="what removed channels fed forward (their BN shift): exact (bias, plus a per-position map "
@@ -294,7 +298,7 @@ class PruneCfg(_Section):
         """Keyword arguments of :func:`slimdeploy.prune` (``amount`` is the percent or the threshold)."""
         kwargs = dict(how=self.how, amount=self.threshold if self.how == "threshold" else self.percent,
                       round_to=self.round_to, min_channels=self.min_channels, compensate=self.compensate,
-                      score_reduce=self.score_reduce)
+                      score_reduce=self.score_reduce, importance=self.importance)
         if self.how == "latency":
             kwargs.update(target_speedup=self.target_speedup, target_ms=self.target_ms, latency_fit=self.latency_fit)
         return kwargs

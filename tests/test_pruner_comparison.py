@@ -43,7 +43,8 @@ def data(harness):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, grid", [("l1", [0.5, 1.0]), ("bnscale", [1.0]), ("uniform", [1.0])])
+@pytest.mark.parametrize("name, grid", [("l1", [0.5, 1.0]), ("l1+group_norm", [1.0]), ("bnscale", [1.0]),
+                                        ("uniform", [1.0])])
 def test_each_library_reaches_the_target_with_a_complete_row(harness, data, sized_timing, name, grid, tmp_path,
                                                             monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the latency table's cache
@@ -158,3 +159,8 @@ def test_trial_cache_reuses_a_trained_trial(harness, data, tmp_path, monkeypatch
     harness.sparse_trained(dense, method.with_lam(0.1), data, budget, cache)  # another λ is another trial
     harness.sparse_trained(dense, method, data, harness.Budget(sparse_epochs=2, batch=32), cache)
     assert calls == [0.05, 0.1, 0.05]
+    # a variant that only ranks channels differently shares its base method's trainings
+    harness.sparse_trained(dense, harness.METHODS["l1+group_norm"].with_lam(0.05), data, budget, cache)
+    assert calls == [0.05, 0.1, 0.05]
+    harness.sparse_trained(dense, harness.METHODS["proximal_l1+group_norm"].with_lam(0.05), data, budget, cache)
+    assert calls == [0.05, 0.1, 0.05, 0.05]
