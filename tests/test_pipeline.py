@@ -177,3 +177,10 @@ def test_pipeline_reports_bn_recalibration(tmp_path):
     assert report["pruning"]["bn_recalibration_images"] == 8
     assert "accuracy right after pruning, BN statistics re-estimated on 8 training images (%)" in \
         (tmp_path / "report.md").read_text()
+
+
+def test_pipeline_ranks_by_the_recipes_importance(tmp_path):
+    recipe = build_recipe(tiny_recipe(prune={"importance": "group_norm"}))
+    report = pipeline.run(recipe, tmp_path, progress=False).report
+    assert json.loads((tmp_path / "pruned_plan.json").read_text())["notes"]["importance"] == "group_norm"
+    assert 0 < report["pruning"]["channels_kept"] < report["pruning"]["channels_total"]
