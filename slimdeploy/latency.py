@@ -343,15 +343,17 @@ def choose_widths(cost: CostModel, choices: list[GroupChoices], budget_ms: float
 
 def _next_budget(rounds: list[dict], aim: float = 0.0) -> float:
     """Rescale the last budget by aimed / measured latency (the aim is target × (1 + aim)); once
-    measurements bracket the aim, interpolate between the closest ones on either side (measurements
-    are too noisy for more)."""
+    measurements bracket the aim, interpolate between the tightest budgets on either side: the
+    smallest that measured over the aim and the largest under it (measurements are too noisy for more).
+    Plans are discrete, so a budget may repeat the plan of a bracket's end; the next one then
+    narrows the bracket instead of returning to the same budget."""
     last = rounds[-1]
     over = [r for r in rounds if r["error"] > aim]
     under = [r for r in rounds if r["error"] <= aim]
     if not over or not under:
         return last["budget_ms"] * last["target_ms"] * (1 + aim) / last["pruned_ms"]
-    a = min(over, key=lambda r: r["error"])
-    b = max(under, key=lambda r: r["error"])
+    a = min(over, key=lambda r: r["budget_ms"])
+    b = max(under, key=lambda r: r["budget_ms"])
     share = (a["error"] - aim) / (a["error"] - b["error"])  # where the error crosses the aim, linearly
     return a["budget_ms"] + share * (b["budget_ms"] - a["budget_ms"])
 

@@ -237,6 +237,10 @@ def test_next_budget_aims_at_the_middle_of_the_band():
     rounds = [_round(+0.02, budget=1.0), _round(-0.08, budget=0.9)]
     assert latency._next_budget(rounds, aim=0.0) == pytest.approx(0.98)
     assert latency._next_budget(rounds, aim=-0.025) == pytest.approx(0.955)
+    # Plans are discrete: a budget inside the bracket that repeats the plan under the aim narrows the
+    # bracket, rather than the same budget coming back round after round.
+    rounds = [_round(-0.072, budget=8.2), _round(+0.016, budget=8.6), _round(-0.072, budget=8.4)]
+    assert 8.4 < latency._next_budget(rounds, aim=-0.025) < 8.6
 
 
 def test_prune_refuses_latency_targets_for_other_modes():
