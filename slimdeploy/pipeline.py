@@ -256,7 +256,9 @@ def _int8_latency(ctx: RunContext, runtime: str, paths: list[Path], setting) -> 
     loaded = runtimes.load_interleaved(runtime, paths, threads)
     dense32, pruned32, dense8, pruned8 = runtimes.time_models(loaded, ctx.data.input_shape, setting.batch,
                                                               cfg.warmup, cfg.iters, threads)
-    session = loaded[2].describe()  # the dense INT8 model's
+    # the dense INT8 model's session; its quantized ops run in int8, the rest in the runtime's own precision
+    described = loaded[2].describe()
+    session = {**described, "precision": "int8", "float_precision": described.get("precision")}
     return Int8LatencyRow(backend=runtime, batch=setting.batch, threads=threads, session=session,
                           dense_fp32=dense32, pruned_fp32=pruned32, dense=dense8, pruned=pruned8,
                           speedup_vs_fp32=Speedup(dense32.p50 / dense8.p50, pruned32.p50 / pruned8.p50))

@@ -225,6 +225,7 @@ def test_int8_stage_reports_types_accuracy_and_speedup(trained, tmp_path):
         assert side["accuracy_by_runtime"] == {}  # onnxruntime alone
     (row,) = q["latency"]
     assert row["backend"] == "onnxruntime" and row["session"]["intra_op_spinning"] is False  # timed interleaved
+    assert (row["session"]["precision"], row["session"]["float_precision"]) == ("int8", "f32")
     for name in ("dense", "pruned"):
         assert row["speedup_vs_fp32"][name] == pytest.approx(row[f"{name}_fp32"]["p50"] / row[name]["p50"])
 
