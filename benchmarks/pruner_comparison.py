@@ -64,8 +64,9 @@ from slimdeploy.train import save_atomic
 ROUND_TO = 16  # the AVX-512 SIMD block: every method's widths are aligned alike
 SETTINGS = ((1, 1), (64, 2))  # (batch, threads): the target's setting first
 MAX_TRIALS = 6  # sparse trainings per method in the λ search: the grid, then steps past a winning end
-# slimdeploy's latency pruning must meet the target speedup (and land within 5 % of it), as the
-# bisection of Torch-Pruning's ratio does: the two are compared at equal or better measured latency
+# slimdeploy's latency pruning aims to meet the target speedup (and land within 5 % of it), as the
+# bisection of Torch-Pruning's ratio keeps the smallest ratio that meets it: both are compared at the
+# target's measured latency or better
 LATENCY_FIT = "at_most"
 
 

@@ -107,9 +107,9 @@ def prune(
     layers: ``exact`` (a bias, plus per-position maps where zero padding makes it vary, for channels
     scoring 0; fixes the input size), ``bias`` or ``none``; measured on ``calibration`` (default
     ``example_inputs``). Channels pruned past the zeros still varied: they get the bias alone.
-    ``importance``: what ranks the channels: ``bn``, the scores themselves; ``group_norm``, the norm of
-    every weight tied to the channel across its coupled group (DepGraph's), with channels scoring exactly
-    0 still first (see :mod:`slimdeploy.importance`).
+    ``importance``: what ranks the channels: ``bn``, the scores themselves; ``group_norm``, the squared
+    norm of every weight tied to the channel across its coupled group over the group's mean (DepGraph's),
+    with channels scoring exactly 0 still first (see :mod:`slimdeploy.importance`).
     ``model_name``/``model_kwargs``: how :func:`load_pruned` builds the unpruned model (default: the
     model's class, called with no arguments). ``model`` itself is not modified.
     """
@@ -126,12 +126,16 @@ def prune_with_record(model, example_inputs, scores=None, how="percent", amount=
                       importance="bn", model_name=None, model_kwargs=None, target_speedup=None, target_ms=None,
                       latency_fit="within", latency_table=None, latency_batch=1, latency_threads=1) -> PruneOutcome:
     """:func:`prune`, also returning which BN channels the plan removed (for measuring compensation)."""
+    latency.check_fit(latency_fit)
     if how == "latency":
-        latency.check_targets(target_speedup, target_ms, latency_fit)
+        latency.check_targets(target_speedup, target_ms)
     elif target_speedup is not None or target_ms is not None:
         raise InputError(f"target_speedup and target_ms are for how='latency', not how={how!r}")
     if importance not in IMPORTANCES:
         raise InputError(f"importance must be one of {', '.join(IMPORTANCES)}, got {importance!r}")
+    if importance == "group_norm" and score_reduce != "max":
+        raise InputError(f"score_reduce {score_reduce!r} applies to importance='bn'; group_norm already "
+                         "covers every layer of a group, so leave score_reduce at 'max'")
     if compensate not in COMPENSATIONS:
         raise InputError(f"compensate must be one of {', '.join(COMPENSATIONS)}, got {compensate!r}")
     if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() < 2:

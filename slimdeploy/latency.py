@@ -41,7 +41,7 @@ from slimdeploy.errors import InputError
 from slimdeploy.graph import ChannelGroup, output_layers
 from slimdeploy.ortbench import CALL_OVERHEAD_KEY, ConvSpec
 
-TOLERANCE = 0.05  # the measured latency must land within ±5 % of the target
+TOLERANCE = 0.05  # how far from the target the measured latency may land (see FITS)
 # How the measured latency must relate to the target: the band of (measured / target - 1) accepted.
 FITS = {"within": (-TOLERANCE, TOLERANCE), "at_most": (-TOLERANCE, 0.0)}
 KNAPSACK_BINS = 2000
@@ -383,12 +383,14 @@ def fit_to_latency(dense: nn.Module, example: torch.Tensor, graph, groups: list[
     """Plan, prune (``prune_fn(kept_widths)`` returns an outcome with ``.model`` and ``.plan``), export
     and time until the pruned model's measured latency is in the band ``fit`` names (:data:`FITS`).
 
-    Returns the outcome of the round closest to the band (see :func:`_closest`); its
-    ``plan.notes["latency"]`` holds each round's budget, prediction and measurement.
+    Returns the outcome of the round nearest the band's middle (for ``at_most``, among those that meet
+    the target if any does; a warning says when none is in the band); its ``plan.notes["latency"]``
+    holds each round's budget, prediction and measurement.
     """
     from slimdeploy.export import export_onnx
 
-    check_targets(target_speedup, target_ms, fit)
+    check_fit(fit)
+    check_targets(target_speedup, target_ms)
     low, high = FITS[fit]
     aim = (low + high) / 2
     choices = [group_choices(g, position_scores(g, s), round_to, min_channels) for g, s in zip(groups, scores)]
@@ -451,9 +453,12 @@ def _out_of_reach(measured: dict, target_speedup, target_ms, round_to, min_chann
             f"ask for less, or allow narrower widths")
 
 
-def check_targets(target_speedup: float | None, target_ms: float | None, fit: str = "within") -> None:
+def check_fit(fit: str) -> None:
     if fit not in FITS:
         raise InputError(f"latency_fit must be one of {', '.join(FITS)}, got {fit!r}")
+
+
+def check_targets(target_speedup: float | None, target_ms: float | None) -> None:
     if (target_speedup is None) == (target_ms is None):
         raise InputError("latency pruning needs exactly one of target_speedup and target_ms")
     if target_speedup is not None and not target_speedup > 1:

@@ -267,12 +267,13 @@ class PruneCfg(_Section):
         "within a latency budget measured in onnxruntime at the first bench.settings entry (target_speedup or "
         "target_ms)")
     target_speedup: float | None = Field(None, gt=1, description="how: latency: measured speedup over the dense "
-                                         "model to reach, within ±5 %")
+                                         "model to reach (see latency_fit)")
     target_ms: float | None = Field(None, gt=0, validate_default=True,
-                                    description="how: latency: pruned latency to reach (ms per batch), within ±5 %")
+                                    description="how: latency: pruned latency to reach (ms per batch; see latency_fit)")
     latency_fit: Literal["within", "at_most"] = Field(
         "within", description="how: latency: the measured latency lands within ±5 % of the target, or at_most "
-        "the target and no more than 5 % below it (a budget the pruned model must not exceed)")
+        "the target and no more than 5 % below it (a budget the pruned model must not exceed); a warning says "
+        "when the correction rounds end outside")
     percent: float = Field(0.5, ge=0, lt=1, description="share of prunable channels removed (global threshold)")
     threshold: float = Field(0.01, ge=0, description="channels whose score is below this go (how: threshold)")
     min_channels: int = Field(1, ge=1, description="channels kept at least per group")
@@ -280,8 +281,9 @@ class PruneCfg(_Section):
     score_reduce: Literal["max", "mean", "sum"] = "max"
     importance: Literal["bn", "group_norm"] = Field(
         "bn", description="what ranks channels: bn, the sparsified BN scores (|γ|, or ξ for proximal NS); "
-        "group_norm, the norm of every weight tied to the channel across its coupled group (DepGraph), with "
-        "channels scoring exactly 0 still first")
+        "group_norm, the squared norm of every weight tied to the channel across its coupled group over the "
+        "group's mean (DepGraph; a threshold is then relative to that mean), with channels scoring exactly 0 "
+        "still first")
     compensate: Literal["exact", "bias", "none"] = Field(
         "exact",
         description="what removed channels fed forward (their BN shift): exact (bias, plus a per-position map "
@@ -335,6 +337,13 @@ class PruneCfg(_Section):
         if info.data.get("how", "latency") != "latency":
             raise ValueError("is only used with how: latency")
         return fit
+
+    @field_validator("importance")
+    @classmethod
+    def _group_norm_reduces_itself(cls, importance: str, info) -> str:
+        if importance == "group_norm" and info.data.get("score_reduce", "max") != "max":
+            raise ValueError("group_norm already covers every layer of a group: leave score_reduce at max")
+        return importance
 
     @field_validator("round_to")
     @classmethod

@@ -79,17 +79,42 @@ def test_channels_scoring_zero_still_go_first_and_unscored_bns_stay_unscored():
     assert {g.root: g.remove for g in plan.groups} == {"conv1": [3], "conv2": []}
 
 
-def test_a_residual_stream_ranks_as_one_and_prunes_to_a_working_model():
+class TwoBranches(nn.Module):
+    """Two conv-BN branches added into one stream that a third conv reads: one group of five layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a, self.bn_a = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv_b, self.bn_b = nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.conv_c, self.bn_c = nn.Conv2d(4, 2, 3, padding=1, bias=False), nn.BatchNorm2d(2)
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.bn_a(self.conv_a(x)) + self.bn_b(self.conv_b(x)))
+        return self.fc(torch.relu(self.bn_c(self.conv_c(x))).mean((2, 3)))
+
+
+def test_a_residual_stream_ranks_by_all_its_layers_alike():
+    torch.manual_seed(0)
+    model = TwoBranches().eval()
+    for bn in (model.bn_a, model.bn_b, model.bn_c):
+        nn.init.uniform_(bn.weight, 0.1, 2.0)
+    graph = build_graph(model, torch.randn(1, 3, 8, 8))
+    scores = group_norm_scores(model, graph, channel_groups(model, graph), gammas(model))
+    by_hand = torch.stack([model.conv_a.weight.pow(2).sum((1, 2, 3)), model.bn_a.weight.pow(2),
+                           model.conv_b.weight.pow(2).sum((1, 2, 3)), model.bn_b.weight.pow(2),
+                           model.conv_c.weight.pow(2).sum((0, 2, 3))]).mean(0).detach()
+    assert torch.allclose(scores["bn_a"], by_hand / by_hand.mean())
+    assert torch.equal(scores["bn_a"], scores["bn_b"])  # one stream, one ranking
+
+
+def test_resnet20_prunes_by_group_norm_to_a_working_model():
     model = trained_like("resnet20")
     x = torch.randn(4, 3, 32, 32)
-    graph = build_graph(model, x[:1])
-    groups = channel_groups(model, graph)
-    scores = group_norm_scores(model, graph, groups, gammas(model))
-    stream = max(groups, key=lambda g: len(g.bns))  # a residual stream: many BNs, one group
-    per_bn = [scores[slot.name][slot.bn_idxs] for slot in stream.bns]
-    assert len(per_bn) > 2 and all(torch.equal(s, per_bn[0]) for s in per_bn)
     pruned, plan = sd.prune(model, x, how="percent", amount=0.3, importance="group_norm")
     assert plan.channels_kept < plan.channels_total and pruned(x).shape == (4, 10)
+    _, by_gamma = sd.prune(model, x, how="percent", amount=0.3)
+    assert [g.remove for g in plan.groups] != [g.remove for g in by_gamma.groups]
 
 
 def test_an_unknown_importance_is_refused_by_name():
@@ -98,3 +123,9 @@ def test_an_unknown_importance_is_refused_by_name():
     with pytest.raises(RecipeError, match="prune.importance: Input should be 'bn' or 'group_norm'"):
         build_recipe({}, ["prune.importance=taylor"])
     assert build_recipe({}, ["prune.importance=group_norm"]).prune.prune_kwargs()["importance"] == "group_norm"
+    # group_norm scores are one value per group: summing them over its BNs would rank big streams higher
+    with pytest.raises(InputError, match="score_reduce 'sum' applies to importance='bn'"):
+        sd.prune(build_model("resnet20", 10).eval(), torch.randn(2, 3, 32, 32), importance="group_norm",
+                 score_reduce="sum")
+    with pytest.raises(RecipeError, match="prune.importance: group_norm already covers every layer of a group: leave score_reduce at max"):
+        build_recipe({}, ["prune.score_reduce=sum", "prune.importance=group_norm"])

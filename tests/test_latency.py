@@ -249,8 +249,9 @@ def test_prune_refuses_latency_targets_for_other_modes():
         sd.prune(model, torch.randn(2, 3, 32, 32), how="percent", target_speedup=2.0)
     with pytest.raises(InputError, match="exactly one of target_speedup and target_ms"):
         sd.prune(model, torch.randn(2, 3, 32, 32), how="latency")
-    with pytest.raises(InputError, match="latency_fit must be one of within, at_most, got 'under'"):
-        sd.prune(model, torch.randn(2, 3, 32, 32), how="latency", target_speedup=2.0, latency_fit="under")
+    for how, target in [("latency", 2.0), ("percent", None)]:
+        with pytest.raises(InputError, match="latency_fit must be one of within, at_most, got 'under'"):
+            sd.prune(model, torch.randn(2, 3, 32, 32), how=how, target_speedup=target, latency_fit="under")
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@
 
 A RUN is a run directory holding report.json, or a report .json file itself. If FILE already
 holds the markers below, only the text between them is replaced, so a hand-written document
-(docs/results.md) can carry a table that is always regenerated from the reports:
+(docs/results.md) can carry a table that is always regenerated from the reports; an existing FILE
+without them is refused, not overwritten:
 
     <!-- compare:begin -->
     <!-- compare:end -->
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="run directories holding report.json, or report .json files")
     ap.add_argument("--out", default=".", help="folder for the plots")
-    ap.add_argument("--md", help="write the table to this Markdown file (between its markers, if it has them)")
+    ap.add_argument("--md", help="write the table to this Markdown file: a new one, or between the markers of an existing one")
     args = ap.parse_args(argv)
     try:
         runs = load_runs(args.runs)
