@@ -57,6 +57,7 @@ from slimdeploy.errors import SlimdeployError
 from slimdeploy.export import export_onnx
 from slimdeploy.graph import output_layers
 from slimdeploy.models import build_model
+from slimdeploy.prune import layer_widths
 from slimdeploy.recipe import DataCfg
 from slimdeploy.report import markers, write_marked
 from slimdeploy.train import save_atomic
@@ -279,7 +280,8 @@ def row_for(dense: nn.Module, pruned: nn.Module, data: Data, accuracy_no_ft, ext
     timed = speedups(dense, pruned, data.shape)
     return {"accuracy_no_ft": accuracy_no_ft, "accuracy": top1(pruned, data.test, data.normalize, 500),
             "latency_ms": timed[0]["latency_ms"], "speedup": timed[0]["speedup"], "timings": timed,
-            "macs": count_macs(pruned, data.shape), "params": count_params(pruned), **extra}
+            "macs": count_macs(pruned, data.shape), "params": count_params(pruned),
+            "widths": layer_widths(pruned), **extra}  # per conv: where the plans differ
 
 
 def recalibrated(model: nn.Module, data: Data, budget: Budget, batches: int = 20) -> nn.Module:

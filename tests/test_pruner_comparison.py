@@ -56,6 +56,10 @@ def test_each_library_reaches_the_target_with_a_complete_row(harness, data, size
     assert all(torch.equal(v, before[k]) for k, v in dense.state_dict().items())  # the start stays untouched
     (row,) = rows
     assert ROW_KEYS <= row.keys() and row["method"] == name and row["target"] == 1.3
+    widths = row["widths"]  # every conv's kept width, for comparing plans layer by layer
+    assert widths.keys() == harness.layer_widths(dense).keys()
+    assert all(w <= harness.layer_widths(dense)[k] for k, w in widths.items())
+    assert sum(widths.values()) < sum(harness.layer_widths(dense).values())
     # the stand-in timing is exact, so every library meets the target (slimdeploy's latency_fit at_most)
     assert row["speedup"] >= 1.3 and row["macs"] < harness.count_macs(dense, data.shape)
     assert 0 <= row["accuracy"] <= 100
