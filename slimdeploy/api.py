@@ -100,8 +100,9 @@ def prune(
     (proximal NS), ``latency`` keeps the most score within a latency budget measured in onnxruntime on
     this machine (``target_speedup`` over the dense model, or ``target_ms``, at ``latency_batch`` and
     ``latency_threads``; ``latency_fit``: measured ``within`` ±5 % of the target, or ``at_most`` the
-    target latency and within 5 % of it, for a budget the model must not exceed; the per-layer ``latency_table`` JSON is cached, by default under
-    ~/.cache/slimdeploy/latency/; see :mod:`slimdeploy.latency`).
+    target latency and within 5 % of it, for a budget the model must not exceed; the per-layer
+    ``latency_table`` JSON is cached, by default under ~/.cache/slimdeploy/latency/; see
+    :mod:`slimdeploy.latency`).
     ``round_to``: kept widths a multiple of N (``"auto"``: the CPU's SIMD block).
     ``compensate``: what removed channels still fed forward (their BN shift β) is folded into the next
     layers: ``exact`` (a bias, plus per-position maps where zero padding makes it vary, for channels
@@ -160,7 +161,7 @@ def prune_with_record(model, example_inputs, scores=None, how="percent", amount=
     if compensate != "none":
         calibration = (example_inputs if calibration is None else calibration).to(device)
     if how != "latency":
-        outcome = _prune_traced(pruned, graph, scores, plan_kwargs, compensate, calibration)
+        outcome = _prune_traced(pruned, graph, scores, plan_kwargs, compensate, calibration, groups)
     else:
         def prune_to_widths(kept_widths: dict) -> PruneOutcome:
             copied = copy.deepcopy(model)
@@ -177,9 +178,11 @@ def prune_with_record(model, example_inputs, scores=None, how="percent", amount=
     return outcome
 
 
-def _prune_traced(pruned, graph, scores, plan_kwargs: dict, compensate: str, calibration) -> PruneOutcome:
-    """Plan on a traced copy of the model and remove the channels from it, in place."""
-    groups = channel_groups(pruned, graph)
+def _prune_traced(pruned, graph, scores, plan_kwargs: dict, compensate: str, calibration,
+                  groups: list | None = None) -> PruneOutcome:
+    """Plan on a traced copy of the model and remove the channels from it, in place (``groups``: its
+    channel groups, if already found)."""
+    groups = groups or channel_groups(pruned, graph)
     plan = make_plan(groups, scores, **plan_kwargs)
     zeroed = removed_bn_channels(pruned, graph, plan)
     apply_plan(pruned, plan, None if compensate == "none" else calibration, exact=compensate == "exact",

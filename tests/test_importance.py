@@ -127,5 +127,6 @@ def test_an_unknown_importance_is_refused_by_name():
     with pytest.raises(InputError, match="score_reduce 'sum' applies to importance='bn'"):
         sd.prune(build_model("resnet20", 10).eval(), torch.randn(2, 3, 32, 32), importance="group_norm",
                  score_reduce="sum")
-    with pytest.raises(RecipeError, match="prune.importance: group_norm already covers every layer of a group: leave score_reduce at max"):
+    with pytest.raises(RecipeError, match="prune.importance: group_norm already covers every layer of a group: "
+                                          "leave score_reduce at max"):
         build_recipe({}, ["prune.score_reduce=sum", "prune.importance=group_norm"])

@@ -213,7 +213,8 @@ def test_recipe_latency_prune_kwargs():
     kwargs = build_recipe({}, ["prune.how=latency", "prune.target_speedup=1.5"]).prune.prune_kwargs()
     assert kwargs["how"] == "latency" and kwargs["target_speedup"] == 1.5 and kwargs["target_ms"] is None
     assert kwargs["latency_fit"] == "within"
-    kwargs = build_recipe({}, ["prune.how=latency", "prune.target_ms=2", "prune.latency_fit=at_most"]).prune.prune_kwargs()
+    recipe = build_recipe({}, ["prune.how=latency", "prune.target_ms=2", "prune.latency_fit=at_most"])
+    kwargs = recipe.prune.prune_kwargs()
     assert kwargs["latency_fit"] == "at_most" and kwargs["target_ms"] == 2
 
 

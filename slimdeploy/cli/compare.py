@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="run directories holding report.json, or report .json files")
     ap.add_argument("--out", default=".", help="folder for the plots")
-    ap.add_argument("--md", help="write the table to this Markdown file: a new one, or between the markers of an existing one")
+    ap.add_argument("--md", help="write the table to this Markdown file: a new one, or between the markers of "
+                    "an existing one")
     args = ap.parse_args(argv)
     try:
         runs = load_runs(args.runs)
