@@ -90,6 +90,8 @@ def prune(
     latency_table=None,
     latency_batch: int = 1,
     latency_threads: int = 1,
+    taylor_batches=None,
+    taylor_loss=None,
 ) -> tuple[nn.Module, ChannelPlan]:
     """Physically remove channels from a copy of ``model``; returns ``(pruned_model, plan)``.
 
@@ -110,7 +112,11 @@ def prune(
     ``example_inputs``). Channels pruned past the zeros still varied: they get the bias alone.
     ``importance``: what ranks the channels: ``bn``, the scores themselves; ``group_norm``, the squared
     norm of every weight tied to the channel across its coupled group over the group's mean (DepGraph's),
-    with channels scoring exactly 0 still first (see :mod:`slimdeploy.importance`).
+    with channels scoring exactly 0 still first; ``taylor``, the loss change a first-order Taylor
+    expansion predicts for removing the channel from every coupled BN (Taylor-FO-BN, as HALP's latency
+    knapsack uses it), from ``taylor_batches``: labelled (inputs, targets) batches, e.g. 20 training
+    batches, and ``taylor_loss(outputs, targets)`` (default cross entropy); channels scoring exactly 0
+    still first (see :mod:`slimdeploy.importance`).
     ``model_name``/``model_kwargs``: how :func:`load_pruned` builds the unpruned model (default: the
     model's class, called with no arguments). ``model`` itself is not modified.
     """
@@ -118,14 +124,16 @@ def prune(
                                 calibration, score_reduce=score_reduce, importance=importance, model_name=model_name,
                                 model_kwargs=model_kwargs, target_speedup=target_speedup, target_ms=target_ms,
                                 latency_fit=latency_fit, latency_table=latency_table, latency_batch=latency_batch,
-                                latency_threads=latency_threads)
+                                latency_threads=latency_threads, taylor_batches=taylor_batches,
+                                taylor_loss=taylor_loss)
     return outcome.model, outcome.plan
 
 
 def prune_with_record(model, example_inputs, scores=None, how="percent", amount=0.5, round_to=None,
                       min_channels=1, compensate="exact", calibration=None, *, score_reduce="max",
                       importance="bn", model_name=None, model_kwargs=None, target_speedup=None, target_ms=None,
-                      latency_fit="within", latency_table=None, latency_batch=1, latency_threads=1) -> PruneOutcome:
+                      latency_fit="within", latency_table=None, latency_batch=1, latency_threads=1,
+                      taylor_batches=None, taylor_loss=None) -> PruneOutcome:
     """:func:`prune`, also returning which BN channels the plan removed (for measuring compensation)."""
     latency.check_fit(latency_fit)
     if how == "latency":
@@ -134,9 +142,13 @@ def prune_with_record(model, example_inputs, scores=None, how="percent", amount=
         raise InputError(f"target_speedup and target_ms are for how='latency', not how={how!r}")
     if importance not in IMPORTANCES:
         raise InputError(f"importance must be one of {', '.join(IMPORTANCES)}, got {importance!r}")
-    if importance == "group_norm" and score_reduce != "max":
-        raise InputError(f"score_reduce {score_reduce!r} applies to importance='bn'; group_norm already "
+    if importance != "bn" and score_reduce != "max":
+        raise InputError(f"score_reduce {score_reduce!r} applies to importance='bn'; {importance} already "
                          "covers every layer of a group, so leave score_reduce at 'max'")
+    if importance == "taylor" and taylor_batches is None:
+        raise InputError("importance='taylor' needs taylor_batches: labelled (inputs, targets) batches")
+    if importance != "taylor" and taylor_batches is not None:
+        raise InputError(f"taylor_batches is for importance='taylor', not importance={importance!r}")
     if compensate not in COMPENSATIONS:
         raise InputError(f"compensate must be one of {', '.join(COMPENSATIONS)}, got {compensate!r}")
     if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() < 2:
@@ -152,7 +164,7 @@ def prune_with_record(model, example_inputs, scores=None, how="percent", amount=
     elif hasattr(scores, "scores"):
         scores = scores.scores()
     groups = channel_groups(pruned, graph)
-    scores = ranking_scores(pruned, graph, groups, scores, importance)
+    scores = ranking_scores(pruned, graph, groups, scores, importance, taylor_batches, taylor_loss)
     if model_name is None:
         model_name = f"{type(model).__module__}:{type(model).__qualname__}"
     plan_kwargs = dict(how=how, amount=amount, min_channels=min_channels, round_to=round_to,

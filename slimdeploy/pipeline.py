@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from torch import nn
 
 from slimdeploy import api, bench, distributed, export, imports, logs, ortbench, runtimes
 from slimdeploy.accuracy import top1
-from slimdeploy.data import Dataset, Normalize, first_images, load_dataset
+from slimdeploy.data import Dataset, Normalize, first_images, load_dataset, train_batches
 from slimdeploy.exports import EXPORTS
 from slimdeploy.models import build_model
 from slimdeploy.plan import ChannelPlan
@@ -154,6 +155,15 @@ def _prune_kwargs(recipe: Recipe) -> dict:
     return kwargs
 
 
+def _taylor_batches(ctx: RunContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Labelled training batches for importance: taylor, on the CPU as the pruned copy is, not augmented."""
+    recipe = ctx.recipe
+    size = min(recipe.data.batch_size, len(ctx.data.train))
+    batches = train_batches(ctx.data.train, size, recipe.seed, 0, False)
+    return [(ctx.normalize(x).cpu(), y.cpu())
+            for x, y in itertools.islice(batches, max(1, recipe.prune.taylor_images // size))]
+
+
 def _zeroed_gamma_check(ctx: RunContext, dense: nn.Module, outcome: api.PruneOutcome) -> ZeroedGammaCheck:
     """The pruned model against ``dense`` with the removed BN channels zeroed, on test images."""
     x = _cpu_batch(ctx.normalize, ctx.data.test, 64)
@@ -191,6 +201,7 @@ def prune_stage(ctx: RunContext, dense: nn.Module, sparsifier: Sparsifier) -> Pr
     outcome = api.prune_with_record(
         dense, _cpu_batch(ctx.normalize, ctx.data.train, recipe.prune.calibration_images), scores,
         **_prune_kwargs(recipe), model_name=recipe.model.name, model_kwargs=recipe.model.kwargs,
+        taylor_batches=_taylor_batches(ctx) if recipe.prune.importance == "taylor" else None,
     )
     seconds = time.perf_counter() - tic
     proximal = sparsifier.summary()

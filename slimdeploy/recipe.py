@@ -279,11 +279,15 @@ class PruneCfg(_Section):
     min_channels: int = Field(1, ge=1, description="channels kept at least per group")
     round_to: int | Literal["auto"] | None = Field(None, description="kept widths multiple of N; auto: SIMD block")
     score_reduce: Literal["max", "mean", "sum"] = "max"
-    importance: Literal["bn", "group_norm"] = Field(
+    importance: Literal["bn", "group_norm", "taylor"] = Field(
         "bn", description="what ranks channels: bn, the sparsified BN scores (|γ|, or ξ for proximal NS); "
         "group_norm, the squared norm of every weight tied to the channel across its coupled group over the "
-        "group's mean (DepGraph; a threshold is then relative to that mean), with channels scoring exactly 0 "
-        "still first")
+        "group's mean (DepGraph; a threshold is then relative to that mean); taylor, the loss change that "
+        "removing the channel predicts to first order (Taylor-FO-BN, on taylor_images training images); "
+        "channels scoring exactly 0 still first")
+    taylor_images: int = Field(10_240, ge=1, description="importance: taylor: training images (not augmented, in "
+                               "data.batch_size batches) the loss gradients are averaged over; with fewer the plan "
+                               "moves with the sample")
     compensate: Literal["exact", "bias", "none"] = Field(
         "exact",
         description="what removed channels fed forward (their BN shift): exact (bias, plus a per-position map "
@@ -341,8 +345,8 @@ class PruneCfg(_Section):
     @field_validator("importance")
     @classmethod
     def _group_norm_reduces_itself(cls, importance: str, info) -> str:
-        if importance == "group_norm" and info.data.get("score_reduce", "max") != "max":
-            raise ValueError("group_norm already covers every layer of a group: leave score_reduce at max")
+        if importance != "bn" and info.data.get("score_reduce", "max") != "max":
+            raise ValueError(f"{importance} already covers every layer of a group: leave score_reduce at max")
         return importance
 
     @field_validator("round_to")

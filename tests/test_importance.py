@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -5,7 +7,7 @@ from torch import nn
 import slimdeploy as sd
 from slimdeploy.errors import InputError
 from slimdeploy.graph import build_graph, channel_groups
-from slimdeploy.importance import group_norm_scores
+from slimdeploy.importance import group_norm_scores, taylor_scores
 from slimdeploy.models import build_model
 from slimdeploy.recipe import RecipeError, build_recipe
 
@@ -58,10 +60,18 @@ def test_group_norm_is_the_mean_squared_norm_over_the_coupled_layers_over_its_gr
     assert torch.allclose(scores["bn2"], by_hand / by_hand.mean())
 
 
-@pytest.mark.parametrize("importance, goes", [("bn", 7), ("group_norm", 5)])
+def labelled_batches(n: int, shape=(3, 8, 8), classes: int = 2, batch: int = 4, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch, *shape, generator=generator, dtype=dtype),
+             torch.randint(classes, (batch,), generator=generator)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("importance, goes", [("bn", 7), ("group_norm", 5), ("taylor", 5)])
 def test_the_importance_decides_which_channel_goes(importance, goes):
     model = two_convs_with_a_hollow_channel(hollow=5)
-    _, plan = sd.prune(model, torch.randn(2, 3, 8, 8), how="percent", amount=1 / 12, importance=importance)
+    taylor = labelled_batches(2) if importance == "taylor" else None
+    _, plan = sd.prune(model, torch.randn(2, 3, 8, 8), how="percent", amount=1 / 12, importance=importance,
+                       taylor_batches=taylor)
     removed = {g.root: g.remove for g in plan.groups}
     assert removed == {"conv1": [goes], "conv2": []}  # |γ| ties at 1: the last goes; group norm finds the hollow one
     assert plan.notes["importance"] == importance
@@ -108,6 +118,64 @@ def test_a_residual_stream_ranks_by_all_its_layers_alike():
     assert torch.equal(scores["bn_a"], scores["bn_b"])  # one stream, one ranking
 
 
+def _loss_with_channel_scaled(model, bns, channel: int, scale: float, batch) -> float:
+    """The loss with channel ``channel`` of every BN in ``bns`` scaled by ``scale`` (γ and β alike)."""
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in bns:
+            bn = scaled.get_submodule(name)
+            bn.weight[channel] *= scale
+            bn.bias[channel] *= scale
+        return float(nn.functional.cross_entropy(scaled(batch[0]), batch[1]))
+
+
+def test_taylor_is_the_squared_first_order_loss_change_of_removing_the_channel_from_its_whole_group():
+    torch.manual_seed(0)
+    model = TwoBranches().double().eval()
+    for bn in (model.bn_a, model.bn_b, model.bn_c):
+        nn.init.uniform_(bn.weight, 0.1, 2.0)
+        nn.init.uniform_(bn.bias, -0.5, 0.5)
+    batches = labelled_batches(3, dtype=torch.float64)
+    graph = build_graph(model, batches[0][0][:1])
+    scores = taylor_scores(model, channel_groups(model, graph), gammas(model), batches)
+    # By brute force: removing channel c scales its γ and β in every coupled BN from 1 to 0; the first-order
+    # loss change is the derivative along that path, here by central differences, squared per batch.
+    eps = 1e-6
+    for bns, channels in ((["bn_a", "bn_b"], 4), (["bn_c"], 2)):
+        for c in range(channels):
+            slopes = torch.tensor([(_loss_with_channel_scaled(model, bns, c, 1 + eps, b)
+                                    - _loss_with_channel_scaled(model, bns, c, 1 - eps, b)) / (2 * eps)
+                                   for b in batches], dtype=torch.float64)
+            for name in bns:
+                assert scores[name][c] == pytest.approx(float(slopes.pow(2).mean()), rel=1e-4)
+    assert not model.bn_a.weight.requires_grad or model.bn_a.weight.grad is None  # the model is left untouched
+
+
+def test_taylor_keeps_channels_scoring_zero_first_and_refuses_bad_batches():
+    model = two_convs_with_a_hollow_channel(hollow=5)
+    graph = build_graph(model, torch.randn(1, 3, 8, 8))
+    groups = channel_groups(model, graph)
+    scores = taylor_scores(model, groups, {"bn1": torch.tensor([1.0, 1, 1, 0, 1, 1, 1, 1])}, labelled_batches(2))
+    assert set(scores) == {"bn1"} and scores["bn1"][3] == 0 and scores["bn1"][0] > 0
+    with pytest.raises(InputError, match="taylor_batches is empty"):
+        taylor_scores(model, groups, gammas(model), [])
+    with pytest.raises(InputError, match="importance='taylor' needs taylor_batches"):
+        sd.prune(model, torch.randn(2, 3, 8, 8), importance="taylor")
+    with pytest.raises(InputError, match="taylor_batches is for importance='taylor', not importance='bn'"):
+        sd.prune(model, torch.randn(2, 3, 8, 8), taylor_batches=labelled_batches(1))
+
+
+def test_resnet20_prunes_by_taylor_to_a_working_model_ranked_unlike_gamma():
+    model = trained_like("resnet20")
+    x = torch.randn(4, 3, 32, 32)
+    batches = labelled_batches(2, (3, 32, 32), classes=10)
+    pruned, plan = sd.prune(model, x, how="percent", amount=0.3, importance="taylor", taylor_batches=batches)
+    assert plan.channels_kept < plan.channels_total and pruned(x).shape == (4, 10)
+    assert plan.notes["importance"] == "taylor"
+    _, by_gamma = sd.prune(model, x, how="percent", amount=0.3)
+    assert [g.remove for g in plan.groups] != [g.remove for g in by_gamma.groups]
+
+
 def test_resnet20_prunes_by_group_norm_to_a_working_model():
     model = trained_like("resnet20")
     x = torch.randn(4, 3, 32, 32)
@@ -118,11 +186,13 @@ def test_resnet20_prunes_by_group_norm_to_a_working_model():
 
 
 def test_an_unknown_importance_is_refused_by_name():
-    with pytest.raises(InputError, match="importance must be one of bn, group_norm, got 'taylor'"):
-        sd.prune(build_model("resnet20", 10).eval(), torch.randn(2, 3, 32, 32), importance="taylor")
-    with pytest.raises(RecipeError, match="prune.importance: Input should be 'bn' or 'group_norm'"):
-        build_recipe({}, ["prune.importance=taylor"])
+    with pytest.raises(InputError, match="importance must be one of bn, group_norm, taylor, got 'hessian'"):
+        sd.prune(build_model("resnet20", 10).eval(), torch.randn(2, 3, 32, 32), importance="hessian")
+    with pytest.raises(RecipeError, match="prune.importance: Input should be 'bn', 'group_norm' or 'taylor'"):
+        build_recipe({}, ["prune.importance=hessian"])
     assert build_recipe({}, ["prune.importance=group_norm"]).prune.prune_kwargs()["importance"] == "group_norm"
+    with pytest.raises(RecipeError, match="prune.taylor_images: Input should be greater than or equal to 1"):
+        build_recipe({}, ["prune.importance=taylor", "prune.taylor_images=0"])
     # group_norm scores are one value per group: summing them over its BNs would rank big streams higher
     with pytest.raises(InputError, match="score_reduce 'sum' applies to importance='bn'"):
         sd.prune(build_model("resnet20", 10).eval(), torch.randn(2, 3, 32, 32), importance="group_norm",
@@ -130,3 +200,5 @@ def test_an_unknown_importance_is_refused_by_name():
     with pytest.raises(RecipeError, match="prune.importance: group_norm already covers every layer of a group: "
                                           "leave score_reduce at max"):
         build_recipe({}, ["prune.score_reduce=sum", "prune.importance=group_norm"])
+    with pytest.raises(RecipeError, match="prune.importance: taylor already covers every layer of a group"):
+        build_recipe({}, ["prune.score_reduce=mean", "prune.importance=taylor"])

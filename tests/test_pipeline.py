@@ -179,8 +179,9 @@ def test_pipeline_reports_bn_recalibration(tmp_path):
         (tmp_path / "report.md").read_text()
 
 
-def test_pipeline_ranks_by_the_recipes_importance(tmp_path):
-    recipe = build_recipe(tiny_recipe(prune={"importance": "group_norm"}))
+@pytest.mark.parametrize("importance", ["group_norm", "taylor"])
+def test_pipeline_ranks_by_the_recipes_importance(tmp_path, importance):
+    recipe = build_recipe(tiny_recipe(prune={"importance": importance, "taylor_images": 16}))
     report = pipeline.run(recipe, tmp_path, progress=False).report
-    assert json.loads((tmp_path / "pruned_plan.json").read_text())["notes"]["importance"] == "group_norm"
+    assert json.loads((tmp_path / "pruned_plan.json").read_text())["notes"]["importance"] == importance
     assert 0 < report["pruning"]["channels_kept"] < report["pruning"]["channels_total"]

@@ -43,7 +43,8 @@ def data(harness):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, grid", [("l1", [0.5, 1.0]), ("l1+group_norm", [1.0]), ("bnscale", [1.0]),
+@pytest.mark.parametrize("name, grid", [("l1", [0.5, 1.0]), ("l1+group_norm", [1.0]), ("l1+taylor", [1.0]),
+                                        ("bnscale", [1.0]),
                                         ("uniform", [1.0])])
 def test_each_library_reaches_the_target_with_a_complete_row(harness, data, sized_timing, name, grid, tmp_path,
                                                             monkeypatch):
@@ -105,7 +106,7 @@ def test_publish_refuses_a_document_without_the_pruners_block(harness, tmp_path)
 
 def test_lambda_search_passes_over_a_lambda_that_cannot_reach_the_target(harness, data, monkeypatch):
     """The first λ raising (target out of reach) must not block a later one that scores."""
-    def prune_to(model, trial, handle, example, target):
+    def prune_to(model, trial, handle, data, target):
         if trial.lam < 0.1:
             raise harness.SlimdeployError("out of reach")
         return model, {}
@@ -114,7 +115,6 @@ def test_lambda_search_passes_over_a_lambda_that_cannot_reach_the_target(harness
     monkeypatch.setattr(harness, "prune_to", prune_to)
     monkeypatch.setattr(harness, "recalibrated", lambda model, *args: model)
     monkeypatch.setattr(harness, "top1", lambda model, *args: 50.0 if model == "model 0.3" else 40.0)
-    monkeypatch.setattr(harness, "calibration_images", lambda data: None)
     method, model, _, trials = harness.search_lam(None, harness.METHODS["l1"], data, harness.Budget(), [0.3, 1.0, 3.0],
                                                   1.3)
     # 0.3 won at the grid's top end, so one step past it (0.9) was tried, and lost
@@ -134,7 +134,6 @@ def test_lambda_search_steps_past_an_end_of_the_grid_while_it_wins(harness, data
     monkeypatch.setattr(harness, "recalibrated", lambda model, *args: model)
     # validation accuracy peaks at λ = peak, falling with the distance in log λ
     monkeypatch.setattr(harness, "top1", lambda lam, *args: 90 - abs(math.log(lam / peak)))
-    monkeypatch.setattr(harness, "calibration_images", lambda data: None)
     method, _, _, trials = harness.search_lam(None, harness.METHODS["l1"], data, harness.Budget(), [1.0, 3.0, 0.3],
                                               1.3)
     assert [t["lam"] for t in trials] == pytest.approx(tried)
