@@ -114,9 +114,9 @@ def prune(
     norm of every weight tied to the channel across its coupled group over the group's mean (DepGraph's),
     with channels scoring exactly 0 still first; ``taylor``, the loss change a first-order Taylor
     expansion predicts for removing the channel from every coupled BN (Taylor-FO-BN, as HALP's latency
-    knapsack uses it), from ``taylor_batches``: labelled (inputs, targets) batches, e.g. 20 training
-    batches, and ``taylor_loss(outputs, targets)`` (default cross entropy); channels scoring exactly 0
-    still first (see :mod:`slimdeploy.importance`).
+    knapsack uses it), from ``taylor_batches``: labelled (inputs, targets) batches, read once (an
+    iterable; about 10,000 training images keep the plan steady), and ``taylor_loss(outputs, targets)``
+    (default cross entropy); channels scoring exactly 0 still first (see :mod:`slimdeploy.importance`).
     ``model_name``/``model_kwargs``: how :func:`load_pruned` builds the unpruned model (default: the
     model's class, called with no arguments). ``model`` itself is not modified.
     """

@@ -69,7 +69,7 @@ def labelled_batches(n: int, shape=(3, 8, 8), classes: int = 2, batch: int = 4, 
 @pytest.mark.parametrize("importance, goes", [("bn", 7), ("group_norm", 5), ("taylor", 5)])
 def test_the_importance_decides_which_channel_goes(importance, goes):
     model = two_convs_with_a_hollow_channel(hollow=5)
-    taylor = labelled_batches(2) if importance == "taylor" else None
+    taylor = iter(labelled_batches(2)) if importance == "taylor" else None  # any iterable, read once
     _, plan = sd.prune(model, torch.randn(2, 3, 8, 8), how="percent", amount=1 / 12, importance=importance,
                        taylor_batches=taylor)
     removed = {g.root: g.remove for g in plan.groups}
