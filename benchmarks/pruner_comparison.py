@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -52,7 +51,7 @@ import slimdeploy as sd
 from slimdeploy import ortbench
 from slimdeploy.accuracy import top1
 from slimdeploy.bench import count_macs, count_params
-from slimdeploy.data import Normalize, first_images, load_dataset, steps_per_epoch, train_batches
+from slimdeploy.data import Normalize, first_images, labelled_batches, load_dataset, steps_per_epoch, train_batches
 from slimdeploy.errors import SlimdeployError
 from slimdeploy.export import export_onnx
 from slimdeploy.graph import output_layers
@@ -223,7 +222,8 @@ def prune_to(model: nn.Module, method: Method, scores, data: Data, target: float
     """The pruned copy of ``model`` at the target speedup, and notes on how it was reached."""
     example = calibration_images(data)
     if method.library == "slimdeploy":
-        taylor = labelled_batches(data) if method.importance == "taylor" else None
+        taylor = (labelled_batches(data.train, 128, TAYLOR_IMAGES, 0, data.normalize)
+                  if method.importance == "taylor" else None)
         pruned, plan = sd.prune(model, example, scores=scores, how="latency", target_speedup=target,
                                 round_to=ROUND_TO, latency_fit=LATENCY_FIT, importance=method.importance,
                                 taylor_batches=taylor)
@@ -254,13 +254,6 @@ def load_data(root: str, holdout: int) -> Data:
 def calibration_images(data: Data, n: int = 64) -> torch.Tensor:
     """Training images, as the model sees them: sd.prune measures on them what removed channels contribute."""
     return data.normalize(first_images(data.train, n))
-
-
-def labelled_batches(data: Data, images: int = TAYLOR_IMAGES, batch: int = 128) -> list:
-    """Training batches with their labels, not augmented: what ``importance="taylor"`` takes gradients on."""
-    batch = min(batch, len(data.train))
-    batches = train_batches(data.train, batch, 0, 0, False)
-    return [(data.normalize(x), y) for x, y in itertools.islice(batches, max(1, images // batch))]
 
 
 def regularised(dense: nn.Module, method: Method, data: Data, budget: Budget):
@@ -307,8 +300,8 @@ def recalibrated(model: nn.Module, data: Data, budget: Budget, batches: int = 20
     a pruned model's accuracy ranks candidates as fine-tuning would, where the raw accuracy of a model
     pruned far past its zeros is near chance for all of them."""
     model = copy.deepcopy(model)
-    images = (data.normalize(x) for x, _ in itertools.islice(
-        train_batches(data.train, budget.batch, budget.seed, 0, False), batches))
+    images = (x for x, _ in labelled_batches(data.train, budget.batch, batches * budget.batch, budget.seed,
+                                             data.normalize))
     torch.optim.swa_utils.update_bn(images, model)
     return model.eval()
 

@@ -10,6 +10,7 @@ training loop in the same form: uint8 [B, 3, S, S] batches, normalised on the de
 
 from __future__ import annotations
 
+import itertools
 import operator
 import os
 import pickle
@@ -496,6 +497,15 @@ def train_batches(
         if augments:
             images = augment(images, torch.Generator().manual_seed(_step_seed(seed, epoch, step, rank)))
         yield images, split.labels[idx]
+
+
+def labelled_batches(split: Split | FolderSplit, batch_size: int, images: int, seed: int, normalize: Normalize):
+    """About ``images`` images of ``split`` with their labels, normalised and not augmented, one batch at
+    a time: for gradients taken outside training (``importance: taylor``). At least one batch, at most
+    one epoch."""
+    size = min(batch_size, len(split))
+    batches = train_batches(split, size, seed, 0, False)
+    return ((normalize(x), y) for x, y in itertools.islice(batches, max(1, images // size)))
 
 
 def eval_batches(split: Split | FolderSplit, batch_size: int):

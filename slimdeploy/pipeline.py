@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ from torch import nn
 
 from slimdeploy import api, bench, distributed, export, imports, logs, ortbench, runtimes
 from slimdeploy.accuracy import top1
-from slimdeploy.data import Dataset, Normalize, first_images, load_dataset, train_batches
+from slimdeploy.data import Dataset, Normalize, first_images, labelled_batches, load_dataset
 from slimdeploy.exports import EXPORTS
 from slimdeploy.models import build_model
 from slimdeploy.plan import ChannelPlan
@@ -159,10 +158,9 @@ def _taylor_batches(ctx: RunContext):
     """Labelled training batches for importance: taylor, on the CPU as the pruned copy is, not augmented;
     drawn one at a time (10,240 images at 224 px would take 6 GB at once)."""
     recipe = ctx.recipe
-    size = min(recipe.data.batch_size, len(ctx.data.train))
-    batches = train_batches(ctx.data.train, size, recipe.seed, 0, False)
-    return ((ctx.normalize(x).cpu(), y.cpu())
-            for x, y in itertools.islice(batches, max(1, recipe.prune.taylor_images // size)))
+    batches = labelled_batches(ctx.data.train, recipe.data.batch_size, recipe.prune.taylor_images, recipe.seed,
+                               ctx.normalize)
+    return ((x.cpu(), y.cpu()) for x, y in batches)
 
 
 def _zeroed_gamma_check(ctx: RunContext, dense: nn.Module, outcome: api.PruneOutcome) -> ZeroedGammaCheck:
