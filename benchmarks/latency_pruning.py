@@ -21,6 +21,7 @@ import torch
 import slimdeploy as sd
 from slimdeploy import ortbench
 from slimdeploy.bench import count_macs
+from slimdeploy.errors import InputError
 from slimdeploy.export import export_onnx
 from slimdeploy.models import build_model
 from prune_latency import dense_model  # this folder is on sys.path when run as a script
@@ -65,7 +66,11 @@ def main():
     print(f"{args.model}, batch 1 / 1 thread, round_to {round_to}")
     print(f"{'plan':<22} {'channels':>10} {'speedup':>8} {'MACs cut':>9} {'ratio':>6} {'kept score':>10}")
     for target in args.targets:
-        pruned, plan = sd.prune(dense, x, how="latency", target_speedup=target, round_to=round_to)
+        try:
+            pruned, plan = sd.prune(dense, x, how="latency", target_speedup=target, round_to=round_to)
+        except InputError as err:  # a target past the smallest widths: say what they reach, go on
+            print(f"latency {target}x: {err}")
+            continue
         rounds = plan.notes["latency"]["rounds"]
         share = 1 - plan.channels_kept / plan.channels_total
         baseline, baseline_plan = sd.prune(dense, x, how="percent", amount=share, round_to=round_to)
@@ -75,7 +80,7 @@ def main():
         for name, r in rows:
             print(f"{name:<22} {r['channels']:>10} {r['speedup']:>7.2f}x {r['macs_cut']:>8.2f}x "
                   f"{r['ratio']:>6.2f} {r['kept_score']:>9.1%}")
-        print(f"  (latency plan: {len(rounds)} correction rounds, its own final measurement "
+        print(f"  (latency plan: {len(rounds)} rounds, its own final measurement "
               f"{plan.notes['latency']['chosen']['speedup']:.2f}x)")
 
 

@@ -18,6 +18,9 @@
    ±5 % of the target, or ``at_most`` the target and no more than 5 % below it (a budget the deployed
    model must not exceed; the aim is the band's middle, so timing noise rarely pushes it over).
    A target that the smallest allowed widths miss is out of reach: an error says what they measured.
+4. **Fill.** Every plan measured in the band is acceptable, and which one lands there first is up to
+   timing noise. So a few more rounds aim at the band's upper half, where a larger budget may buy a
+   plan that keeps more score, and the in-band plan keeping the most score is returned.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ TOLERANCE = 0.05  # how far from the target the measured latency may land (see F
 # How the measured latency must relate to the target: the band of (measured / target - 1) accepted.
 FITS = {"within": (-TOLERANCE, TOLERANCE), "at_most": (-TOLERANCE, 0.0)}
 KNAPSACK_BINS = 2000
+FILL_ROUNDS = 2  # rounds after the first in-band one, looking for an in-band plan that keeps more score
 
 
 @dataclass
@@ -317,7 +321,7 @@ def choose_widths(cost: CostModel, choices: list[GroupChoices], budget_ms: float
     estimate fits; the highest score over the rounds wins.
     """
     def value(widths):
-        return sum(c.values[c.widths.index(w)] for c, w in zip(choices, widths))
+        return plan_value(choices, widths)
 
     smallest = [c.widths[0] for c in choices]
     best = smallest
@@ -341,6 +345,11 @@ def choose_widths(cost: CostModel, choices: list[GroupChoices], budget_ms: float
     return best
 
 
+def plan_value(choices: list[GroupChoices], widths: list[int]) -> float:
+    """The score a plan keeps: the sum over groups of the kept channels' scores."""
+    return sum(c.values[c.widths.index(w)] for c, w in zip(choices, widths))
+
+
 def _next_budget(rounds: list[dict], aim: float = 0.0) -> float:
     """Rescale the last budget by aimed / measured latency (the aim is target × (1 + aim)); once
     measurements bracket the aim, interpolate between the tightest budgets on either side: the
@@ -358,9 +367,13 @@ def _next_budget(rounds: list[dict], aim: float = 0.0) -> float:
     return a["budget_ms"] + share * (b["budget_ms"] - a["budget_ms"])
 
 
-def _closest(rounds: list[dict], fit: str) -> int:
-    """The round to keep: for ``at_most``, one that meets the target if any does; then nearest the aim."""
+def _keep(rounds: list[dict], fit: str) -> int:
+    """The round to keep: of those in the band, the plan keeping the most score. With none in it, for
+    ``at_most`` one that meets the target if any does, then the one nearest the aim."""
     low, high = FITS[fit]
+    in_band = [i for i, r in enumerate(rounds) if low <= r["error"] <= high]
+    if in_band:
+        return max(in_band, key=lambda i: rounds[i]["value"])
     aim = (low + high) / 2
     return min(range(len(rounds)),
                key=lambda i: (fit == "at_most" and rounds[i]["error"] > high, abs(rounds[i]["error"] - aim)))
@@ -379,13 +392,14 @@ def fit_to_latency(dense: nn.Module, example: torch.Tensor, graph, groups: list[
                    scores: list[torch.Tensor], prune_fn, *, target_speedup: float | None = None,
                    target_ms: float | None = None, round_to: int | None = None, min_channels: int = 1,
                    batch: int = 1, threads: int = 1, table_path=None, iters: int = 300,
-                   max_rounds: int = 6, fit: str = "within"):
+                   max_rounds: int = 6, fill_rounds: int = FILL_ROUNDS, fit: str = "within"):
     """Plan, prune (``prune_fn(kept_widths)`` returns an outcome with ``.model`` and ``.plan``), export
     and time until the pruned model's measured latency is in the band ``fit`` names (:data:`FITS`).
 
-    Returns the outcome of the round nearest the band's middle (for ``at_most``, among those that meet
-    the target if any does; a warning says when none is in the band); its ``plan.notes["latency"]``
-    holds each round's budget, prediction and measurement.
+    Once a round is in the band, up to ``fill_rounds`` more aim at the band's upper half. Returns the
+    outcome of the in-band round whose plan keeps the most score; with none in the band, the round
+    nearest its middle (for ``at_most``, among those that meet the target if any does) and a warning.
+    Its ``plan.notes["latency"]`` holds each round's budget, prediction, measurement and kept score.
     """
     from slimdeploy.export import export_onnx
 
@@ -409,8 +423,8 @@ def fit_to_latency(dense: nn.Module, example: torch.Tensor, graph, groups: list[
         scale = dense_ms / cost.total_ms(cost.dense)
         budget = (target_ms or dense_ms / target_speedup) * (1 + aim)
         rounds, outcomes, pruned = [], [], {}
-        for _ in range(max_rounds):
-            widths = choose_widths(cost, choices, budget / scale)
+
+        def measure(widths, budget):
             if tuple(widths) not in pruned:  # a repeated choice is timed again: noise, not the plan, moved
                 outcome = prune_fn(dict(zip(roots, widths)))
                 path_now = export_onnx(outcome.model, Path(tmp) / f"pruned{len(rounds)}.onnx", input_shape)
@@ -418,17 +432,34 @@ def fit_to_latency(dense: nn.Module, example: torch.Tensor, graph, groups: list[
             outcome, path_now = pruned[tuple(widths)]
             dense_now, pruned_now = _time_pair(dense_path, path_now, batch, threads, iters)
             target_now = target_ms or dense_now / target_speedup
-            error = pruned_now / target_now - 1
             rounds.append({"budget_ms": budget, "predicted_ms": scale * cost.total_ms(widths),
                            "dense_ms": dense_now, "pruned_ms": pruned_now, "target_ms": target_now,
-                           "speedup": dense_now / pruned_now, "error": error})
+                           "speedup": dense_now / pruned_now, "error": pruned_now / target_now - 1,
+                           "value": plan_value(choices, widths)})
             outcomes.append(outcome)
+            return rounds[-1]["error"]
+
+        for _ in range(max_rounds):
+            widths = choose_widths(cost, choices, budget / scale)
+            error = measure(widths, budget)
             if error > high and widths == smallest:
                 raise InputError(_out_of_reach(rounds[-1], target_speedup, target_ms, round_to, min_channels))
             if low <= error <= high:
                 break
             budget = _next_budget(rounds, aim)
-    keep = _closest(rounds, fit)
+        else:
+            fill_rounds = 0  # the band was never reached: nothing to fill
+        fill_aim = (aim + high) / 2
+        for _ in range(fill_rounds):
+            best = rounds[_keep(rounds, fit)]
+            budget = _next_budget(rounds, fill_aim)
+            if budget <= best["budget_ms"]:
+                break  # the best in-band plan already sits in the upper half: a larger budget would miss
+            widths = choose_widths(cost, choices, budget / scale)
+            if tuple(widths) in pruned:
+                break  # the larger budget buys no other plan
+            measure(widths, budget)
+    keep = _keep(rounds, fit)
     outcome, final = outcomes[keep], rounds[keep]
     within = low <= final["error"] <= high
     if not within:

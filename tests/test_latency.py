@@ -218,16 +218,25 @@ def test_recipe_latency_prune_kwargs():
     assert kwargs["latency_fit"] == "at_most" and kwargs["target_ms"] == 2
 
 
-def _round(error, budget=1.0, target=1.0):
-    return {"budget_ms": budget, "target_ms": target, "pruned_ms": target * (1 + error), "error": error}
+def _round(error, budget=1.0, target=1.0, value=0.0):
+    return {"budget_ms": budget, "target_ms": target, "pruned_ms": target * (1 + error), "error": error,
+            "value": value}
 
 
 def test_at_most_keeps_a_round_that_meets_the_target_over_a_closer_one_above_it():
     rounds = [_round(+0.01), _round(-0.09), _round(+0.07)]
-    assert latency._closest(rounds, "within") == 0  # nearest the target
-    assert latency._closest(rounds, "at_most") == 1  # the only one at most the target
-    assert latency._closest([_round(+0.03), _round(+0.01)], "at_most") == 1  # none meets it: the nearest
-    assert latency._closest([_round(-0.005), _round(-0.03)], "at_most") == 1  # both meet it: nearest the aim, -2.5 %
+    assert latency._keep(rounds, "within") == 0  # in the band
+    assert latency._keep(rounds, "at_most") == 1  # none in the band: the only one at most the target
+    assert latency._keep([_round(+0.03), _round(+0.01)], "at_most") == 1  # none meets it: the nearest
+    assert latency._keep([_round(-0.12), _round(-0.07)], "at_most") == 1  # both meet it: nearest the aim
+
+
+def test_of_the_rounds_in_the_band_the_plan_keeping_most_score_is_kept():
+    rounds = [_round(+0.08, value=9.0), _round(-0.04, value=5.0), _round(-0.01, value=6.0), _round(-0.03, value=5.5)]
+    assert latency._keep(rounds, "at_most") == 2  # not the first in the band, nor the nearest its middle
+    assert latency._keep(rounds, "within") == 2  # the first, with more score, measured outside ±5 %
+    rounds.append(_round(+0.04, value=7.0))
+    assert latency._keep(rounds, "within") == 4 and latency._keep(rounds, "at_most") == 2
 
 
 def test_next_budget_aims_at_the_middle_of_the_band():
@@ -280,6 +289,12 @@ def test_resnet20_reaches_the_measured_speedup(tmp_path, monkeypatch, fit):
     assert abs(chosen["error"]) <= latency.TOLERANCE
     if fit == "at_most":
         assert chosen["pruned_ms"] <= chosen["target_ms"] and chosen["speedup"] >= 1.5
+    low, high = notes["band"]
+    in_band = [r for r in notes["rounds"] if low <= r["error"] <= high]
+    assert chosen["value"] == max(r["value"] for r in in_band)
+    if fit == "within":  # the first round lands in the band (-3 %); a fill round's larger budget, at +3 %,
+        first = notes["rounds"][0]  # keeps more score
+        assert first in in_band and chosen["value"] > first["value"] and chosen["budget_ms"] > first["budget_ms"]
     assert plan.how == "latency" and plan.channels_kept < plan.channels_total
     assert all(g.kept % 8 == 0 or g.kept == g.channels for g in plan.groups)
     assert pruned(x).shape == (16, 10)
