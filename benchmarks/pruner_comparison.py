@@ -25,7 +25,7 @@ gets the same grid and rule. Rows are written to ``--out`` as each method finish
 method whose rows have the same budget and search, and reuses trial models cached in ``--cache``.
 
     tools/venv python benchmarks/pruner_comparison.py --dense runs/r20_dense/dense.pt --data /tmp/cifar \\
-        --out docs/results/comparison.json [--methods l1 bnscale ...] [--targets 1.2 1.35]
+        --out docs/results/comparison.json [--methods l1 bnscale ...] [--targets 1.5 2] [--round-to 8]
     tools/venv python benchmarks/pruner_comparison.py --out docs/results/comparison.json --publish docs/results.md
 """
 
@@ -37,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -59,9 +60,8 @@ from slimdeploy.models import build_model
 from slimdeploy.prune import layer_widths
 from slimdeploy.recipe import DataCfg
 from slimdeploy.report import markers, write_marked
-from slimdeploy.train import save_atomic
+from slimdeploy.train import CPUINFO, cpu_flags, save_atomic
 
-ROUND_TO = 16  # the AVX-512 SIMD block: every method's widths are aligned alike
 SETTINGS = ((1, 1), (64, 2))  # (batch, threads): the target's setting first
 MAX_TRIALS = 6  # sparse trainings per method in the λ search: the grid, then steps past a winning end
 # slimdeploy's latency pruning aims to meet the target speedup (and land within 5 % of it), as the
@@ -81,6 +81,7 @@ class Budget:
     weight_decay: float = 5e-4
     batch: int = 128
     seed: int = 0
+    round_to: int = 8  # every method's kept widths are multiples of this
 
 
 @dataclass(frozen=True)
@@ -181,9 +182,9 @@ def speedups(dense: nn.Module, pruned: nn.Module, shape, settings=SETTINGS, iter
 
 # --- pruning to the target ----------------------------------------------------------------------------
 
-def tp_pruner(model: nn.Module, example: torch.Tensor, kind: str, ratio: float, reg: float = 0.0):
+def tp_pruner(model: nn.Module, example: torch.Tensor, kind: str, ratio: float, round_to: int, reg: float = 0.0):
     """A Torch-Pruning pruner as its reproduction scripts set it up; ``ratio`` of channels to remove."""
-    common = dict(pruning_ratio=ratio, ignored_layers=output_layers(model), round_to=ROUND_TO)
+    common = dict(pruning_ratio=ratio, ignored_layers=output_layers(model), round_to=round_to)
     if kind == "magnitude":
         return tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1), **common)
     if kind == "bnscale":
@@ -197,7 +198,8 @@ def tp_pruner(model: nn.Module, example: torch.Tensor, kind: str, ratio: float, 
     raise ValueError(f"unknown pruner {kind!r}")
 
 
-def prune_by_ratio_to(dense: nn.Module, example: torch.Tensor, kind: str, target: float, steps: int = 7):
+def prune_by_ratio_to(dense: nn.Module, example: torch.Tensor, kind: str, target: float, round_to: int,
+                      steps: int = 7):
     """Bisect the pruner's ratio for the smallest one whose measured speedup (first setting) reaches
     ``target``; the most pruned model tried if none does."""
     shape = tuple(example.shape[1:])
@@ -205,7 +207,7 @@ def prune_by_ratio_to(dense: nn.Module, example: torch.Tensor, kind: str, target
     for _ in range(steps):
         ratio = (low + high) / 2
         model = copy.deepcopy(dense)
-        tp_pruner(model, example, kind, ratio).step()
+        tp_pruner(model, example, kind, ratio, round_to).step()
         speedup = speedups(dense, model, shape, SETTINGS[:1], iters=100)[0]["speedup"]
         if speedup >= target:
             high, best = ratio, (model, ratio, speedup)
@@ -213,24 +215,36 @@ def prune_by_ratio_to(dense: nn.Module, example: torch.Tensor, kind: str, target
             low = ratio
     if best is None:
         model = copy.deepcopy(dense)
-        tp_pruner(model, example, kind, high).step()
+        tp_pruner(model, example, kind, high, round_to).step()
         best = (model, high, speedups(dense, model, shape, SETTINGS[:1], iters=100)[0]["speedup"])
     return best
 
 
-def prune_to(model: nn.Module, method: Method, scores, data: Data, target: float):
+def prune_to(model: nn.Module, method: Method, scores, data: Data, target: float, round_to: int):
     """The pruned copy of ``model`` at the target speedup, and notes on how it was reached."""
     example = calibration_images(data)
     if method.library == "slimdeploy":
         taylor = (labelled_batches(data.train, 128, TAYLOR_IMAGES, 0, data.normalize)
                   if method.importance == "taylor" else None)
         pruned, plan = sd.prune(model, example, scores=scores, how="latency", target_speedup=target,
-                                round_to=ROUND_TO, latency_fit=LATENCY_FIT, importance=method.importance,
+                                round_to=round_to, latency_fit=LATENCY_FIT, importance=method.importance,
                                 taylor_batches=taylor)
         return pruned, {"plan_speedup": plan.notes["latency"]["chosen"]["speedup"]}
     # Torch-Pruning ranks by its own importance on the regularised model; the ratio is searched for
-    pruned, ratio, speedup = prune_by_ratio_to(model, example, method.pruner, target)
+    pruned, ratio, speedup = prune_by_ratio_to(model, example, method.pruner, target, round_to)
     return pruned, {"pruning_ratio": ratio, "plan_speedup": speedup}
+
+
+def machine() -> str:
+    """What the timings were measured on: the CPU, its cores, the extensions that change them, the runtime."""
+    try:
+        info = CPUINFO.read_text().splitlines()
+    except OSError:
+        info = []
+    name = next((line.partition(":")[2].strip() for line in info if line.startswith("model name")),
+                platform.processor())
+    extensions = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile") if f in cpu_flags()]
+    return f"{name}, {os.cpu_count()} cores, {' '.join(extensions)}, onnxruntime {ortbench.ort.__version__}"
 
 
 # --- one method at one target -------------------------------------------------------------------------
@@ -268,7 +282,7 @@ def regularised(dense: nn.Module, method: Method, data: Data, budget: Budget):
     regularize = None
     if method.pruner in ("bnscale", "groupnorm"):
         example = torch.randn(1, *data.shape)
-        pruner = tp_pruner(model, example, method.pruner, 0.5, reg=method.lam)
+        pruner = tp_pruner(model, example, method.pruner, 0.5, budget.round_to, reg=method.lam)
         pruner.update_regularizer()
         regularize = pruner.regularize
     train(model, data.train, data.normalize, budget.sparse_epochs, budget, regularize=regularize)
@@ -277,7 +291,7 @@ def regularised(dense: nn.Module, method: Method, data: Data, budget: Budget):
 
 def run_uniform(dense: nn.Module, data: Data, budget: Budget, target: float, scratch_epochs: int) -> dict:
     example = torch.randn(1, *data.shape)
-    thin, ratio, _ = prune_by_ratio_to(dense, example, "uniform", target)
+    thin, ratio, _ = prune_by_ratio_to(dense, example, "uniform", target, budget.round_to)
     for module in thin.modules():  # trained from scratch: the width is what is compared, not the weights
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
@@ -363,7 +377,7 @@ def search_lam(dense, method: Method, data: Data, budget: Budget, grid: list[flo
         model, scores = sparse_trained(dense, trial, data, budget, cache)
         sparse_val = top1(model, data.val, data.normalize, 500)
         try:
-            pruned, _ = prune_to(model, trial, scores, data, target)
+            pruned, _ = prune_to(model, trial, scores, data, target, budget.round_to)
             val = top1(recalibrated(pruned, data, budget), data.val, data.normalize, 500)
         except SlimdeployError as err:  # e.g. a target out of reach: this λ scores nothing
             val = float("nan")
@@ -403,7 +417,7 @@ def run_method(dense, method: Method, data: Data, budget: Budget, targets, grid,
     rows = []
     sparse = top1(model, data.test, data.normalize, 500)  # what pruning without fine-tuning should keep
     for target in targets:
-        pruned, notes = prune_to(model, method, scores, data, target)
+        pruned, notes = prune_to(model, method, scores, data, target, budget.round_to)
         no_ft = top1(pruned, data.test, data.normalize, 500)
         # BN statistics re-estimated, weights untouched: what pruning keeps without any training
         no_ft_bn = top1(recalibrated(pruned, data, budget), data.test, data.normalize, 500)
@@ -475,29 +489,31 @@ def plot_pareto(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def publish(rows: list[dict], markdown: Path, figure: Path) -> None:
-    """The table into the ``pruners`` block of ``markdown`` (which must have one: the rest of the document is
+def publish(rows: list[dict], markdown: Path, figure: Path, block: str = "pruners") -> None:
+    """The table into the ``block`` block of ``markdown`` (which must have one: the rest of the document is
     written by hand), and the Pareto plot to ``figure``."""
-    begin, end = markers("pruners")
+    begin, end = markers(block)
     if not (markdown.is_file() and begin in markdown.read_text() and end in markdown.read_text()):
         raise SystemExit(f"{markdown}: needs a block between {begin} and {end} for the table")
     plot_pareto(rows, figure)
-    write_marked(markdown, table(rows), name="pruners")
+    write_marked(markdown, table(rows), name=block)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--publish", metavar="MARKDOWN", help="only render --out: its table into this document's "
-                    "pruners block, its Pareto plot beside the JSON (pruners_pareto.png)")
+                    "--block, its Pareto plot beside the JSON (BLOCK_pareto.png)")
+    ap.add_argument("--block", default="pruners", help="the marked block of --publish that holds the table")
     ap.add_argument("--dense", help="state_dict of the trained dense model (a run's dense.pt)")
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--data", help="folder holding cifar-10-batches-py/")
     ap.add_argument("--holdout", type=int, default=5000, help="validation images held out of training")
     ap.add_argument("--out", default="docs/results/comparison.json")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    # ResNet-20 at batch 1 is bound by per-layer overhead: with every group at 16 channels it measures only
-    # about 1.4x (onnxruntime, 1 thread, AVX-512), and narrower unaligned widths are no faster
-    ap.add_argument("--targets", nargs="+", type=float, default=[1.2, 1.35], help="measured speedups, b1/1t")
+    ap.add_argument("--targets", nargs="+", type=float, default=[1.5, 2.0], help="measured speedups, b1/1t")
+    # ResNet-20 at batch 1 is bound by per-layer overhead. With every group at 16 channels it measures 1.65x
+    # on a Xeon with AVX-512 FP16 (1.41x on a Skylake-SP): 2x needs widths aligned to 8 (2.25x at the smallest)
+    ap.add_argument("--round-to", type=int, default=Budget.round_to, help="every method's widths align to this")
     # Two points, then steps past the end that wins: in a first sweep over 0.3/1/3 × the base λ, every
     # method did best at 0.3, so the grid's top end cost a sparse training and told nothing
     ap.add_argument("--grid", nargs="+", type=float, default=[0.3, 1.0], help="λ multipliers searched first")
@@ -509,13 +525,13 @@ def main():
     args = ap.parse_args()
     out = Path(args.out)
     if args.publish:
-        publish(json.loads(out.read_text()), Path(args.publish), out.parent / "pruners_pareto.png")
+        publish(json.loads(out.read_text()), Path(args.publish), out.parent / f"{args.block}_pareto.png", args.block)
         return
     if not (args.dense and args.data):
         ap.error("--dense and --data are needed to run the comparison")
 
     torch.manual_seed(0)
-    budget = Budget(args.sparse_epochs, args.finetune_epochs)
+    budget = Budget(args.sparse_epochs, args.finetune_epochs, round_to=args.round_to)
     data = load_data(args.data, args.holdout)
     dense = build_model(args.model, 10)
     dense.load_state_dict(torch.load(args.dense, weights_only=True, map_location="cpu"))
@@ -538,6 +554,7 @@ def main():
         new = run_method(dense, METHODS[name], data, budget, args.targets, args.grid, args.scratch_epochs, cache)
         for row in new:
             row["wall_s"] = round(time.perf_counter() - start)
+            row["machine"] = machine()
             print(f"{name} {row['target']}x: {row['accuracy_no_ft']} % no FT, {row['accuracy']:.2f} % fine-tuned, "
                   f"{row['speedup']:.2f}x measured, {row['macs'] / 1e6:.1f} M MACs")
         rows = [r for r in rows if r["method"] != name] + new  # a rerun replaces the method's rows

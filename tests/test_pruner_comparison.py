@@ -105,7 +105,7 @@ def test_publish_refuses_a_document_without_the_pruners_block(harness, tmp_path)
 
 def test_lambda_search_passes_over_a_lambda_that_cannot_reach_the_target(harness, data, monkeypatch):
     """The first λ raising (target out of reach) must not block a later one that scores."""
-    def prune_to(model, trial, handle, data, target):
+    def prune_to(model, trial, handle, data, target, round_to):
         if trial.lam < 0.1:
             raise harness.SlimdeployError("out of reach")
         return model, {}
