@@ -201,23 +201,22 @@ def tp_pruner(model: nn.Module, example: torch.Tensor, kind: str, ratio: float, 
 def prune_by_ratio_to(dense: nn.Module, example: torch.Tensor, kind: str, target: float, round_to: int,
                       steps: int = 7):
     """Bisect the pruner's ratio for the smallest one whose measured speedup (first setting) reaches
-    ``target``; the most pruned model tried if none does."""
+    ``target``; the fastest model tried if none does. (Past the ratio that would round a layer's kept
+    width to 0, Torch-Pruning leaves that layer whole: the most pruned ratio is not the fastest.)"""
     shape = tuple(example.shape[1:])
-    low, high, best = 0.0, 0.95, None
+    low, high, best, fastest = 0.0, 0.95, None, None
     for _ in range(steps):
         ratio = (low + high) / 2
         model = copy.deepcopy(dense)
         tp_pruner(model, example, kind, ratio, round_to).step()
         speedup = speedups(dense, model, shape, SETTINGS[:1], iters=100)[0]["speedup"]
+        if fastest is None or speedup > fastest[2]:
+            fastest = (model, ratio, speedup)
         if speedup >= target:
             high, best = ratio, (model, ratio, speedup)
         else:
             low = ratio
-    if best is None:
-        model = copy.deepcopy(dense)
-        tp_pruner(model, example, kind, high, round_to).step()
-        best = (model, high, speedups(dense, model, shape, SETTINGS[:1], iters=100)[0]["speedup"])
-    return best
+    return best or fastest
 
 
 def prune_to(model: nn.Module, method: Method, scores, data: Data, target: float, round_to: int):

@@ -166,3 +166,25 @@ def test_trial_cache_reuses_a_trained_trial(harness, data, tmp_path, monkeypatch
     assert calls == [0.05, 0.1, 0.05]
     harness.sparse_trained(dense, harness.METHODS["proximal_l1+group_norm"].with_lam(0.05), data, budget, cache)
     assert calls == [0.05, 0.1, 0.05, 0.05]
+
+
+def test_ratio_bisection_keeps_the_fastest_model_when_none_reaches_the_target(harness, monkeypatch):
+    """Past the ratio that rounds a layer to 0 channels Torch-Pruning leaves the layer whole, so the most
+    pruned ratio tried is not the fastest: a missed target falls back on the fastest model tried."""
+    class Pruner:
+        def __init__(self, model, ratio):
+            self.model, self.ratio = model, ratio
+
+        def step(self):
+            self.model.ratio = self.ratio
+
+    def speedup(dense, model, *args, **kwargs):  # rises to 1.8x at ratio 0.5, then falls back towards dense
+        return [{"speedup": 1 + 1.6 * model.ratio if model.ratio <= 0.5 else 1.1}]
+
+    monkeypatch.setattr(harness, "tp_pruner", lambda model, example, kind, ratio, round_to: Pruner(model, ratio))
+    monkeypatch.setattr(harness, "speedups", speedup)
+    dense = torch.nn.Identity()
+    model, ratio, measured = harness.prune_by_ratio_to(dense, torch.zeros(1, 3, 8, 8), "magnitude", 2.0, round_to=8)
+    assert (ratio, model.ratio, measured) == (0.475, 0.475, 1 + 1.6 * 0.475)  # every ratio tried later is > 0.5
+    model, ratio, measured = harness.prune_by_ratio_to(dense, torch.zeros(1, 3, 8, 8), "magnitude", 1.5, round_to=8)
+    assert measured >= 1.5 and ratio < 0.35  # reached: the smallest ratio that meets the target
