@@ -13,6 +13,7 @@ The recipe pipeline is a composition of these same calls.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,8 @@ def prune(
     target latency and within 5 % of it, for a budget the model must not exceed; the per-layer
     ``latency_table`` JSON is cached, by default under ~/.cache/slimdeploy/latency/; see
     :mod:`slimdeploy.latency`).
-    ``round_to``: kept widths a multiple of N (``"auto"``: the CPU's SIMD block).
+    ``round_to``: kept widths a multiple of N (``"auto"``: the CPU's SIMD block; for a latency target
+    out of reach at that alignment, halved down to 4 with a warning, unless ``latency_table`` is given).
     ``compensate``: what removed channels still fed forward (their BN shift β) is folded into the next
     layers: ``exact`` (a bias, plus per-position maps where zero padding makes it vary, for channels
     scoring 0; fixes the input size), ``bias`` or ``none``; measured on ``calibration`` (default
@@ -175,19 +177,40 @@ def prune_with_record(model, example_inputs, scores=None, how="percent", amount=
     if how != "latency":
         outcome = _prune_traced(pruned, graph, scores, plan_kwargs, compensate, calibration, groups)
     else:
-        def prune_to_widths(kept_widths: dict) -> PruneOutcome:
-            copied = copy.deepcopy(model)
-            return _prune_traced(copied, build_graph(copied, example_inputs[:1]), scores,
-                                 {**plan_kwargs, "kept_widths": kept_widths}, compensate, calibration)
+        # "auto" starts at the SIMD block and halves it while the target is out of reach: a narrower
+        # alignment runs slower per channel but lets every group shrink further. A given table was
+        # measured (maybe on another device) for the widths of one alignment, so it gets the block only.
+        if round_to != "auto":
+            alignments = [round_to]
+        else:
+            alignments = auto_alignments() if latency_table is None else [simd_block()]
+        for align, narrower in zip(alignments, alignments[1:] + [None]):
+            def prune_to_widths(kept_widths: dict, align=align) -> PruneOutcome:
+                copied = copy.deepcopy(model)
+                return _prune_traced(copied, build_graph(copied, example_inputs[:1]), scores,
+                                     {**plan_kwargs, "round_to": align, "kept_widths": kept_widths},
+                                     compensate, calibration)
 
-        outcome = latency.fit_to_latency(
-            pruned, example_inputs, graph, groups, [group_scores(g, scores, score_reduce) for g in groups],
-            prune_to_widths, target_speedup=target_speedup, target_ms=target_ms,
-            round_to=simd_block() if round_to == "auto" else round_to, min_channels=min_channels,
-            batch=latency_batch, threads=latency_threads, table_path=latency_table, fit=latency_fit,
-        )
+            try:
+                outcome = latency.fit_to_latency(
+                    pruned, example_inputs, graph, groups, [group_scores(g, scores, score_reduce) for g in groups],
+                    prune_to_widths, target_speedup=target_speedup, target_ms=target_ms, round_to=align,
+                    min_channels=min_channels, batch=latency_batch, threads=latency_threads,
+                    table_path=latency_table, fit=latency_fit,
+                )
+                break
+            except latency.OutOfReach as err:
+                if narrower is None:
+                    raise
+                warnings.warn(f"round_to auto: {err}; trying widths aligned to {narrower}", stacklevel=2)
     outcome.plan.notes["importance"] = importance
     return outcome
+
+
+def auto_alignments() -> list[int]:
+    """The alignments ``round_to="auto"`` tries for a latency target: the SIMD block, halved down to 4."""
+    block = simd_block()
+    return [block >> i for i in range(block.bit_length()) if block >> i >= 4]
 
 
 def _prune_traced(pruned, graph, scores, plan_kwargs: dict, compensate: str, calibration,

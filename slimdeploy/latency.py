@@ -443,7 +443,7 @@ def fit_to_latency(dense: nn.Module, example: torch.Tensor, graph, groups: list[
             widths = choose_widths(cost, choices, budget / scale)
             error = measure(widths, budget)
             if error > high and widths == smallest:
-                raise InputError(_out_of_reach(rounds[-1], target_speedup, target_ms, round_to, min_channels))
+                raise OutOfReach(_out_of_reach(rounds[-1], target_speedup, target_ms, round_to, min_channels))
             if low <= error <= high:
                 break
             budget = _next_budget(rounds, aim)
@@ -473,6 +473,10 @@ def fit_to_latency(dense: nn.Module, example: torch.Tensor, graph, groups: list[
         "within_tolerance": within,  # within the band
     }
     return outcome
+
+
+class OutOfReach(InputError):
+    """A latency target that even the smallest widths the plan may choose do not reach."""
 
 
 def _out_of_reach(measured: dict, target_speedup, target_ms, round_to, min_channels) -> str:

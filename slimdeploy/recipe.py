@@ -277,7 +277,8 @@ class PruneCfg(_Section):
     percent: float = Field(0.5, ge=0, lt=1, description="share of prunable channels removed (global threshold)")
     threshold: float = Field(0.01, ge=0, description="channels whose score is below this go (how: threshold)")
     min_channels: int = Field(1, ge=1, description="channels kept at least per group")
-    round_to: int | Literal["auto"] | None = Field(None, description="kept widths multiple of N; auto: SIMD block")
+    round_to: int | Literal["auto"] | None = Field(None, description="kept widths multiple of N; auto: SIMD block "
+                                                     "(how: latency halves it while the target is out of reach)")
     score_reduce: Literal["max", "mean", "sum"] = "max"
     importance: Literal["bn", "group_norm", "taylor"] = Field(
         "bn", description="what ranks channels: bn, the sparsified BN scores (|γ|, or ξ for proximal NS); "

@@ -314,3 +314,28 @@ def test_a_target_beyond_the_smallest_widths_is_an_error_naming_what_they_reach(
                                          r"round_to 8, min_channels 1\) measures \d+\.\d\dx") as info:
         sd.prune(model, x, how="latency", target_speedup=40.0, round_to=8, latency_table=tmp_path / "t.json")
     assert "\n" not in str(info.value)
+
+
+def test_auto_alignment_halves_while_the_target_is_out_of_reach(tmp_path, monkeypatch):
+    # Same stand-in timing: ResNet-20's smallest plan at widths aligned to 16 is about 6x smaller than
+    # the dense model, at 8 about 20x, so 10x is reached only once "auto" halves 16 to 8.
+    def sized_timing(models, batch=1, threads=1, *args, **kwargs):
+        sizes = [len(m) if isinstance(m, bytes) else Path(m).stat().st_size for m in models]
+        return [ortbench.latency_stats([10 * size] * 3, batch, threads) for size in sizes]
+
+    monkeypatch.setattr(latency.ortbench, "time_sessions", sized_timing)
+    monkeypatch.setattr(sd.api, "simd_block", lambda: 16)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a table per alignment, in the default cache
+    assert sd.api.auto_alignments() == [16, 8, 4]
+    model = build_model("resnet20", 10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with pytest.warns(UserWarning, match=r"round_to auto: .*target_speedup 10.0 is out of reach.*round_to 16.*"
+                                         r"trying widths aligned to 8"):
+        _, plan = sd.prune(model, x, how="latency", target_speedup=10.0, round_to="auto")
+    assert plan.round_to == 8 and plan.notes["latency"]["within_tolerance"]
+    assert any(g.kept % 16 for g in plan.groups) and all(g.kept % 8 == 0 for g in plan.groups)
+    with pytest.raises(InputError, match=r"target_speedup 400.0 is out of reach.*round_to 4,"):
+        with pytest.warns(UserWarning):
+            sd.prune(model, x, how="latency", target_speedup=400.0, round_to="auto")
+    with pytest.raises(InputError, match=r"out of reach.*round_to 16,"):  # a given table: one alignment
+        sd.prune(model, x, how="latency", target_speedup=10.0, round_to="auto", latency_table=tmp_path / "t.json")
