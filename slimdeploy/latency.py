@@ -443,7 +443,13 @@ def fit_to_latency(dense: nn.Module, example: torch.Tensor, graph, groups: list[
             widths = choose_widths(cost, choices, budget / scale)
             error = measure(widths, budget)
             if error > high and widths == smallest:
-                raise OutOfReach(_out_of_reach(rounds[-1], target_speedup, target_ms, round_to, min_channels))
+                # timed once more before giving up: a few seconds of a slow, shared CPU moved this
+                # ratio by 25 % and must not end the search
+                measure(widths, budget)
+                fastest = min(rounds[-2:], key=lambda r: r["error"])
+                if fastest["error"] > high:
+                    raise OutOfReach(_out_of_reach(fastest, target_speedup, target_ms, round_to, min_channels))
+                error = fastest["error"]
             if low <= error <= high:
                 break
             budget = _next_budget(rounds, aim)

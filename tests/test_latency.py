@@ -1,6 +1,7 @@
 import itertools
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -339,3 +340,30 @@ def test_auto_alignment_halves_while_the_target_is_out_of_reach(tmp_path, monkey
             sd.prune(model, x, how="latency", target_speedup=400.0, round_to="auto")
     with pytest.raises(InputError, match=r"out of reach.*round_to 16,"):  # a given table: one alignment
         sd.prune(model, x, how="latency", target_speedup=10.0, round_to="auto", latency_table=tmp_path / "t.json")
+
+
+def test_the_smallest_plan_is_timed_twice_before_a_target_is_out_of_reach(tmp_path, monkeypatch):
+    # Stand-in timing as above; once `slow` is set, the next pair (dense, pruned) is timed in a transient
+    # slow state: the pruned model 3x slower. Every round plans the smallest widths.
+    slow = []
+
+    def sized_timing(models, batch=1, threads=1, *args, **kwargs):
+        sizes = [len(m) if isinstance(m, bytes) else Path(m).stat().st_size for m in models]
+        stats = [10 * size for size in sizes]
+        if len(models) == 2 and slow:
+            stats[1] *= slow.pop()
+        return [ortbench.latency_stats([s] * 3, batch, threads) for s in stats]
+
+    monkeypatch.setattr(latency.ortbench, "time_sessions", sized_timing)
+    monkeypatch.setattr(latency, "choose_widths", lambda cost, choices, budget: [c.widths[0] for c in choices])
+    model = build_model("resnet20", 10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    table = tmp_path / "t.json"
+    with pytest.raises(InputError, match=r"measures (\d+\.\d+)x") as info:
+        sd.prune(model, x, how="latency", target_speedup=400.0, round_to=8, latency_table=table)
+    floor = float(re.search(r"measures (\d+\.\d+)x", str(info.value)).group(1))
+    slow.append(3.0)
+    _, plan = sd.prune(model, x, how="latency", target_speedup=0.98 * floor, round_to=8, latency_table=table)
+    first, second = plan.notes["latency"]["rounds"][:2]
+    assert first["error"] > 1 and abs(second["error"]) < latency.TOLERANCE  # the retime, not the slow one, counts
+    assert plan.notes["latency"]["chosen"] == second and plan.notes["latency"]["within_tolerance"]
