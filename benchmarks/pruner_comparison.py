@@ -13,6 +13,8 @@ hook) and ``sd.prune``, Torch-Pruning through its pruners' ``regularize`` and ``
 - Torch-Pruning: ``MagnitudePruner`` (L1 filter norm, per layer), ``BNScalePruner`` (slimming, global)
   and ``GroupNormPruner`` (DepGraph, global). A pruner prunes by a ratio, so the ratio is bisected until
   the measured speedup meets the target.
+- A target that timing says is out of reach (near the floor of the alignment, a slow moment of a shared
+  CPU is enough) gets each library's fastest model: the smallest widths, or the fastest ratio tried.
 - uniform: the architecture thinned by the same per-layer ratio everywhere (bisected the same way) and
   trained from scratch for the dense model's epochs plus the budget.
 
@@ -56,6 +58,7 @@ from slimdeploy.data import Normalize, first_images, labelled_batches, load_data
 from slimdeploy.errors import SlimdeployError
 from slimdeploy.export import export_onnx
 from slimdeploy.graph import output_layers
+from slimdeploy.latency import OutOfReach
 from slimdeploy.models import build_model
 from slimdeploy.prune import layer_widths
 from slimdeploy.recipe import DataCfg
@@ -223,11 +226,18 @@ def prune_to(model: nn.Module, method: Method, scores, data: Data, target: float
     """The pruned copy of ``model`` at the target speedup, and notes on how it was reached."""
     example = calibration_images(data)
     if method.library == "slimdeploy":
-        taylor = (labelled_batches(data.train, 128, TAYLOR_IMAGES, 0, data.normalize)
-                  if method.importance == "taylor" else None)
-        pruned, plan = sd.prune(model, example, scores=scores, how="latency", target_speedup=target,
-                                round_to=round_to, latency_fit=LATENCY_FIT, importance=method.importance,
-                                taylor_batches=taylor)
+        def pruned_by(**how):
+            taylor = (labelled_batches(data.train, 128, TAYLOR_IMAGES, 0, data.normalize)
+                      if method.importance == "taylor" else None)
+            return sd.prune(model, example, scores=scores, round_to=round_to, importance=method.importance,
+                            taylor_batches=taylor, **how)
+
+        try:
+            pruned, plan = pruned_by(how="latency", target_speedup=target, latency_fit=LATENCY_FIT)
+        except OutOfReach as err:  # as the ratio bisection below: the fastest model allowed goes on
+            print(f"  {method.name} {target}x: {err}; the smallest plan goes on")
+            pruned, _ = pruned_by(how="threshold", amount=math.inf)  # every group at its smallest width
+            return pruned, {"plan_speedup": None, "fallback": "smallest widths"}
         return pruned, {"plan_speedup": plan.notes["latency"]["chosen"]["speedup"]}
     # Torch-Pruning ranks by its own importance on the regularised model; the ratio is searched for
     pruned, ratio, speedup = prune_by_ratio_to(model, example, method.pruner, target, round_to)
@@ -356,6 +366,7 @@ def rules(method: Method, grid: list[float]) -> dict:
     made = {"search_rule": search_rule(grid)} if method.lam else {}
     if method.library == "slimdeploy":
         made["latency_fit"] = LATENCY_FIT
+        made["out_of_reach"] = "smallest widths"
     if method.importance == "taylor":
         made["taylor_images"] = TAYLOR_IMAGES
     return made

@@ -188,3 +188,15 @@ def test_ratio_bisection_keeps_the_fastest_model_when_none_reaches_the_target(ha
     assert (ratio, model.ratio, measured) == (0.475, 0.475, 1 + 1.6 * 0.475)  # every ratio tried later is > 0.5
     model, ratio, measured = harness.prune_by_ratio_to(dense, torch.zeros(1, 3, 8, 8), "magnitude", 1.5, round_to=8)
     assert measured >= 1.5 and ratio < 0.35  # reached: the smallest ratio that meets the target
+
+
+def test_a_slimdeploy_target_out_of_reach_falls_back_on_the_smallest_widths(harness, data, sized_timing,
+                                                                            tmp_path, monkeypatch):
+    """As the ratio bisection keeps the fastest model tried, a latency target beyond the smallest widths
+    (here 50x, by the exact stand-in timing) prunes every group to its smallest aligned width."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    dense = trained_like("resnet20")
+    pruned, notes = harness.prune_to(dense, harness.METHODS["l1"], None, data, 50.0, round_to=8)
+    assert notes == {"plan_speedup": None, "fallback": "smallest widths"}
+    widths = harness.layer_widths(pruned)
+    assert widths.pop("fc") == 10 and set(widths.values()) == {8}
