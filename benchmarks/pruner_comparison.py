@@ -9,7 +9,8 @@ the same multiple. The loop is a user's own loop: slimdeploy enters through ``sd
 hook) and ``sd.prune``, Torch-Pruning through its pruners' ``regularize`` and ``step``.
 
 - slimdeploy: subgradient L1, Lp (p = ½), TL1, MCP, SCAD; proximal L1 and TL1. Pruned by
-  ``sd.prune(how="latency")``: per-group widths chosen for the measured budget.
+  ``sd.prune(how="latency")``: per-group widths chosen for the measured budget. ``l1+percent`` prunes
+  the L1 trainings by network slimming's global percent instead, the share bisected to the target.
 - Torch-Pruning: ``MagnitudePruner`` (L1 filter norm, per layer), ``BNScalePruner`` (slimming, global)
   and ``GroupNormPruner`` (DepGraph, global). A pruner prunes by a ratio, so the ratio is bisected until
   the measured speedup meets the target.
@@ -95,13 +96,14 @@ class Method:
     sparsify: dict = field(default_factory=dict)  # sd.sparsify keywords
     pruner: str = ""  # Torch-Pruning: magnitude, bnscale, groupnorm
     importance: str = "bn"  # slimdeploy: what ranks the channels sd.prune removes
+    plan: str = "latency"  # slimdeploy: latency (widths for the measured budget) or percent (a global share)
 
     def with_lam(self, lam: float) -> "Method":
         return replace(self, lam=lam)
 
     def training(self) -> dict:
         """What its sparse phase depends on: a variant that only prunes differently, named
-        ``base+importance``, shares the trainings of its base method."""
+        ``base+importance`` or ``base+percent``, shares the trainings of its base method."""
         return {"name": self.name.split("+")[0], "library": self.library, "lam": self.lam,
                 "sparsify": self.sparsify, "pruner": self.pruner}
 
@@ -129,6 +131,8 @@ METHODS = {m.name: m for m in [
     Method("l1+taylor", "slimdeploy", LAM, {"penalty": "l1"}, importance="taylor"),
     Method("proximal_l1+taylor", "slimdeploy", PROXIMAL_LAM, {"method": "proximal", "penalty": "l1"},
            importance="taylor"),
+    # ... and pruned by network slimming's global percent (bisected to the target), not for the latency budget
+    Method("l1+percent", "slimdeploy", LAM, {"penalty": "l1"}, plan="percent"),
     Method("magnitude", "torch-pruning", 0.0, pruner="magnitude"),
     Method("bnscale", "torch-pruning", LAM, pruner="bnscale"),
     Method("groupnorm", "torch-pruning", LAM, pruner="groupnorm"),
@@ -171,12 +175,13 @@ def train(model: nn.Module, split, normalize: Normalize, epochs: int, budget: Bu
 # --- latency ------------------------------------------------------------------------------------------
 
 def speedups(dense: nn.Module, pruned: nn.Module, shape, settings=SETTINGS, iters: int = 200) -> list[dict]:
-    """Dense and pruned exported to ONNX and timed interleaved in onnxruntime, per (batch, threads)."""
+    """Dense and pruned exported to ONNX and timed interleaved in onnxruntime, per (batch, threads), in the
+    quietest of five blocks (as sd.prune's latency loop times them)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = [str(export_onnx(m, Path(tmp) / f"{n}.onnx", shape)) for n, m in (("d", dense), ("p", pruned))]
         for batch, threads in settings:
-            d, p = ortbench.time_sessions(paths, batch=batch, config=ortbench.SessionConfig(threads=threads),
+            d, p = ortbench.time_quietest(paths, batch=batch, config=ortbench.SessionConfig(threads=threads),
                                           warmup=max(iters // 10, 5), iters=iters if batch == 1 else iters // 10)
             rows.append({"batch": batch, "threads": threads, "dense_ms": d.p50, "latency_ms": p.p50,
                          "speedup": d.p50 / p.p50})
@@ -206,12 +211,21 @@ def prune_by_ratio_to(dense: nn.Module, example: torch.Tensor, kind: str, target
     """Bisect the pruner's ratio for the smallest one whose measured speedup (first setting) reaches
     ``target``; the fastest model tried if none does. (Past the ratio that would round a layer's kept
     width to 0, Torch-Pruning leaves that layer whole: the most pruned ratio is not the fastest.)"""
-    shape = tuple(example.shape[1:])
+    def pruned_at(ratio: float) -> nn.Module:
+        model = copy.deepcopy(dense)
+        tp_pruner(model, example, kind, ratio, round_to).step()
+        return model
+
+    return bisect_ratio_to(dense, pruned_at, tuple(example.shape[1:]), target, steps)
+
+
+def bisect_ratio_to(dense: nn.Module, pruned_at, shape, target: float, steps: int = 7):
+    """The model ``pruned_at(ratio)`` of the smallest ratio in [0, 0.95] whose measured speedup reaches
+    ``target``, with that ratio and speedup; the fastest model tried if none does."""
     low, high, best, fastest = 0.0, 0.95, None, None
     for _ in range(steps):
         ratio = (low + high) / 2
-        model = copy.deepcopy(dense)
-        tp_pruner(model, example, kind, ratio, round_to).step()
+        model = pruned_at(ratio)
         speedup = speedups(dense, model, shape, SETTINGS[:1], iters=100)[0]["speedup"]
         if fastest is None or speedup > fastest[2]:
             fastest = (model, ratio, speedup)
@@ -232,6 +246,10 @@ def prune_to(model: nn.Module, method: Method, scores, data: Data, target: float
             return sd.prune(model, example, scores=scores, round_to=round_to, importance=method.importance,
                             taylor_batches=taylor, **how)
 
+        if method.plan == "percent":  # network slimming's one global share, bisected as a pruner's ratio
+            pruned, amount, speedup = bisect_ratio_to(
+                model, lambda amount: pruned_by(how="percent", amount=amount)[0], data.shape, target)
+            return pruned, {"percent": amount, "plan_speedup": speedup}
         try:
             pruned, plan = pruned_by(how="latency", target_speedup=target, latency_fit=LATENCY_FIT)
         except OutOfReach as err:  # as the ratio bisection below: the fastest model allowed goes on
@@ -364,7 +382,7 @@ def search_rule(grid: list[float]) -> dict:
 def rules(method: Method, grid: list[float]) -> dict:
     """What a method's rows record of how they were made, and a rerun must match to reuse them."""
     made = {"search_rule": search_rule(grid)} if method.lam else {}
-    if method.library == "slimdeploy":
+    if method.library == "slimdeploy" and method.plan == "latency":
         made["latency_fit"] = LATENCY_FIT
         made["out_of_reach"] = "smallest widths"
     if method.importance == "taylor":

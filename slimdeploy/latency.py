@@ -381,8 +381,13 @@ def _keep(rounds: list[dict], fit: str) -> int:
 
 # --- the measured correction loop --------------------------------------------------------------------
 
+# Each round's pair is timed in blocks of about this many ms (ortbench.time_quietest): five of them span
+# the slowed stretches of a shared CPU
+BLOCK_MS = 400.0
+
+
 def _time_pair(dense_path, pruned_path, batch, threads, iters):
-    dense, pruned = ortbench.time_sessions([str(dense_path), str(pruned_path)], batch=batch,
+    dense, pruned = ortbench.time_quietest([str(dense_path), str(pruned_path)], batch=batch,
                                            config=ortbench.SessionConfig(threads=threads),
                                            warmup=max(iters // 10, 5), iters=iters)
     return dense.p50, pruned.p50
@@ -418,6 +423,7 @@ def fit_to_latency(dense: nn.Module, example: torch.Tensor, graph, groups: list[
         dense_ms = ortbench.time_sessions([str(dense_path)], batch=batch,
                                           config=ortbench.SessionConfig(threads=threads),
                                           warmup=max(iters // 10, 5), iters=iters)[0].p50
+        block_iters = max(20, min(iters, int(BLOCK_MS / (2 * dense_ms))))  # a pair costs < 2 dense calls
         # What the table does not see (adds, pools, the head) mostly scales with the widths too: the
         # model's latency is taken as proportional to its convs'.
         scale = dense_ms / cost.total_ms(cost.dense)
@@ -430,7 +436,7 @@ def fit_to_latency(dense: nn.Module, example: torch.Tensor, graph, groups: list[
                 path_now = export_onnx(outcome.model, Path(tmp) / f"pruned{len(rounds)}.onnx", input_shape)
                 pruned[tuple(widths)] = (outcome, path_now)
             outcome, path_now = pruned[tuple(widths)]
-            dense_now, pruned_now = _time_pair(dense_path, path_now, batch, threads, iters)
+            dense_now, pruned_now = _time_pair(dense_path, path_now, batch, threads, block_iters)
             target_now = target_ms or dense_now / target_speedup
             rounds.append({"budget_ms": budget, "predicted_ms": scale * cost.total_ms(widths),
                            "dense_ms": dense_now, "pruned_ms": pruned_now, "target_ms": target_now,

@@ -140,3 +140,14 @@ def test_cli_runs_without_torch(models, tmp_path):
     usage = subprocess.run([sys.executable, str(ROOT / "slimdeploy" / "ortbench.py"), "--help"],
                            capture_output=True, text=True, env=env, cwd=tmp_path)
     assert usage.returncode == 0 and "--opt-level" in usage.stdout
+
+
+def test_time_quietest_keeps_the_run_whose_first_model_was_fastest(monkeypatch):
+    runs = iter([(3.0, 2.0), (1.0, 0.6), (2.0, 0.5)])  # (first, second) model p50 per block
+
+    def timing(paths, batch=1, **kwargs):
+        return [ortbench.latency_stats([ms * 1e6] * 3, batch, 1) for ms in next(runs)]
+
+    monkeypatch.setattr(ortbench, "time_sessions", timing)
+    first, second = ortbench.time_quietest(["a.onnx", "b.onnx"], blocks=3)
+    assert (first.p50, second.p50) == (1.0, 0.6)  # a slowed block's lower second p50 does not count

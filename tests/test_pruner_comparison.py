@@ -44,7 +44,8 @@ def data(harness):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, grid", [("l1", [0.5, 1.0]), ("l1+group_norm", [1.0]), ("l1+taylor", [1.0]),
-                                        ("bnscale", [1.0]), ("uniform", [1.0])])
+                                        ("l1+percent", [1.0]), ("bnscale", [1.0]),
+                                        ("uniform", [1.0])])
 def test_each_library_reaches_the_target_with_a_complete_row(harness, data, sized_timing, name, grid, tmp_path,
                                                             monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the latency table's cache
