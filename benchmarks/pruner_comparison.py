@@ -21,8 +21,10 @@ hook) and ``sd.prune``, Torch-Pruning through its pruners' ``regularize`` and ``
 
 λ is chosen per method on the validation split (``data.holdout`` images of the training set, never
 the test set): each value of ``--grid`` × the method's base λ is sparse-trained and pruned to the
-highest target, and the one with the best validation accuracy after pruning is kept, measured once BN
-statistics are re-estimated on training images (adaptive BN, as EagleEye ranks pruned candidates). While
+lowest target, and the one with the best validation accuracy after pruning is kept, measured once BN
+statistics are re-estimated on training images (adaptive BN, as EagleEye ranks pruned candidates). The
+lowest target, because a higher one can sit at the floor of the alignment, where every λ is pruned to
+the same smallest widths and timing noise, not the training, ranks them. While
 the best λ sits at an end of what was tried, the search steps past it (up to MAX_TRIALS). Every method
 gets the same grid and rule. Rows are written to ``--out`` as each method finishes; a rerun skips a
 method whose rows have the same budget and search, and reuses trial models cached in ``--cache``.
@@ -376,7 +378,7 @@ def sparse_trained(dense: nn.Module, method: Method, data: Data, budget: Budget,
 
 
 def search_rule(grid: list[float]) -> dict:
-    return {"grid": sorted(grid), "max_trials": MAX_TRIALS}
+    return {"grid": sorted(grid), "max_trials": MAX_TRIALS, "pruned_to": "lowest target"}
 
 
 def rules(method: Method, grid: list[float]) -> dict:
@@ -439,7 +441,7 @@ def run_method(dense, method: Method, data: Data, budget: Budget, targets, grid,
     if method.library == "uniform":
         return [base | {"target": t} | run_uniform(dense, data, budget, t, scratch_epochs) for t in targets]
     if method.lam:  # the chosen trial's model goes on: the search's training is not repeated
-        method, model, scores, trials = search_lam(dense, method, data, budget, grid, max(targets), cache)
+        method, model, scores, trials = search_lam(dense, method, data, budget, grid, min(targets), cache)
     else:
         (model, scores), trials = sparse_trained(dense, method, data, budget, cache), []
     rows = []
