@@ -184,6 +184,7 @@ def prune_with_record(model, example_inputs, scores=None, how="percent", amount=
             alignments = [round_to]
         else:
             alignments = auto_alignments() if latency_table is None else [simd_block()]
+        values = [group_scores(g, scores, score_reduce) for g in groups]
         for align, narrower in zip(alignments, alignments[1:] + [None]):
             def prune_to_widths(kept_widths: dict, align=align) -> PruneOutcome:
                 copied = copy.deepcopy(model)
@@ -193,10 +194,9 @@ def prune_with_record(model, example_inputs, scores=None, how="percent", amount=
 
             try:
                 outcome = latency.fit_to_latency(
-                    pruned, example_inputs, graph, groups, [group_scores(g, scores, score_reduce) for g in groups],
-                    prune_to_widths, target_speedup=target_speedup, target_ms=target_ms, round_to=align,
-                    min_channels=min_channels, batch=latency_batch, threads=latency_threads,
-                    table_path=latency_table, fit=latency_fit,
+                    pruned, example_inputs, graph, groups, values, prune_to_widths, target_speedup=target_speedup,
+                    target_ms=target_ms, round_to=align, min_channels=min_channels, batch=latency_batch,
+                    threads=latency_threads, table_path=latency_table, fit=latency_fit,
                 )
                 break
             except latency.OutOfReach as err:
