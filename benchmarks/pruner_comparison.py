@@ -11,6 +11,9 @@ hook) and ``sd.prune``, Torch-Pruning through its pruners' ``regularize`` and ``
 - slimdeploy: subgradient L1, Lp (p = ½), TL1, MCP, SCAD; proximal L1 and TL1. Pruned by
   ``sd.prune(how="latency")``: per-group widths chosen for the measured budget. ``l1+percent`` prunes
   the L1 trainings by network slimming's global percent instead, the share bisected to the target.
+  ``proximal_l1_planned`` plans first: the latency plan for the target is made on the dense model
+  (Taylor values), proximal L1 acts on the channels it removes alone (``sd.sparsify(plan=...)``), so
+  their ξ reach exact zeros while the rest of the network adapts, and that plan is then applied.
 - Torch-Pruning: ``MagnitudePruner`` (L1 filter norm, per layer), ``BNScalePruner`` (slimming, global)
   and ``GroupNormPruner`` (DepGraph, global). A pruner prunes by a ratio, so the ratio is bisected until
   the measured speedup meets the target.
@@ -63,6 +66,7 @@ from slimdeploy.export import export_onnx
 from slimdeploy.graph import output_layers
 from slimdeploy.latency import OutOfReach
 from slimdeploy.models import build_model
+from slimdeploy.plan import ChannelPlan
 from slimdeploy.prune import layer_widths
 from slimdeploy.recipe import DataCfg
 from slimdeploy.report import markers, write_marked
@@ -99,6 +103,10 @@ class Method:
     pruner: str = ""  # Torch-Pruning: magnitude, bnscale, groupnorm
     importance: str = "bn"  # slimdeploy: what ranks the channels sd.prune removes
     plan: str = "latency"  # slimdeploy: latency (widths for the measured budget) or percent (a global share)
+    # slimdeploy: the importance a latency plan is made with on the dense model before training; the
+    # penalty then acts on the channels that plan removes alone, and the plan is applied after training
+    planned_by: str = ""
+    toward: ChannelPlan | None = None  # that plan, for one target (set per target by run_planned)
 
     def with_lam(self, lam: float) -> "Method":
         return replace(self, lam=lam)
@@ -106,8 +114,11 @@ class Method:
     def training(self) -> dict:
         """What its sparse phase depends on: a variant that only prunes differently, named
         ``base+importance`` or ``base+percent``, shares the trainings of its base method."""
-        return {"name": self.name.split("+")[0], "library": self.library, "lam": self.lam,
+        made = {"name": self.name.split("+")[0], "library": self.library, "lam": self.lam,
                 "sparsify": self.sparsify, "pruner": self.pruner}
+        if self.toward is not None:
+            made["toward"] = [g.remove for g in self.toward.groups]
+        return made
 
 
 # One base λ for every subgradient regulariser, searched alike by --grid: over one sparse epoch at lr 0.01,
@@ -135,6 +146,9 @@ METHODS = {m.name: m for m in [
            importance="taylor"),
     # ... and pruned by network slimming's global percent (bisected to the target), not for the latency budget
     Method("l1+percent", "slimdeploy", LAM, {"penalty": "l1"}, plan="percent"),
+    # proximal L1 on the channels of the target's latency plan only (HALP's Taylor values, on the dense model)
+    Method("proximal_l1_planned", "slimdeploy", PROXIMAL_LAM, {"method": "proximal", "penalty": "l1"},
+           planned_by="taylor"),
     Method("magnitude", "torch-pruning", 0.0, pruner="magnitude"),
     Method("bnscale", "torch-pruning", LAM, pruner="bnscale"),
     Method("groupnorm", "torch-pruning", LAM, pruner="groupnorm"),
@@ -144,6 +158,8 @@ METHODS = {m.name: m for m in [
 
 def sparsify_kwargs(method: Method) -> dict:
     kwargs = dict(method.sparsify, lam=method.lam)
+    if method.toward is not None:
+        kwargs["plan"] = method.toward
     if kwargs.get("penalty") in ("mcp", "scad") and "a" not in kwargs:
         kwargs["a"] = max(1.0 / method.lam, 3.7)  # MCP needs a > 1, SCAD a > 2
     return kwargs
@@ -238,27 +254,40 @@ def bisect_ratio_to(dense: nn.Module, pruned_at, shape, target: float, steps: in
     return best or fastest
 
 
+def latency_pruned(model: nn.Module, scores, importance: str, data: Data, target: float, round_to: int):
+    """``sd.prune`` to the target speedup: the pruned copy, its plan and notes. A target timing says is
+    out of reach gets the smallest widths, as the ratio bisection below gets its fastest model."""
+    def pruned_by(**how):
+        taylor = (labelled_batches(data.train, 128, TAYLOR_IMAGES, 0, data.normalize)
+                  if importance == "taylor" else None)
+        return sd.prune(model, calibration_images(data), scores=scores, round_to=round_to, importance=importance,
+                        taylor_batches=taylor, **how)
+
+    try:
+        pruned, plan = pruned_by(how="latency", target_speedup=target, latency_fit=LATENCY_FIT)
+    except OutOfReach as err:
+        print(f"  {target}x: {err}; the smallest plan goes on")
+        pruned, plan = pruned_by(how="threshold", amount=math.inf)  # every group at its smallest width
+        return pruned, plan, {"plan_speedup": None, "fallback": "smallest widths"}
+    return pruned, plan, {"plan_speedup": plan.notes["latency"]["chosen"]["speedup"]}
+
+
 def prune_to(model: nn.Module, method: Method, scores, data: Data, target: float, round_to: int):
     """The pruned copy of ``model`` at the target speedup, and notes on how it was reached."""
     example = calibration_images(data)
+    if method.toward is not None:  # the plan it was trained toward, made on the dense model
+        pruned, _ = sd.prune(model, example, scores=scores, plan=method.toward)
+        chosen = method.toward.notes.get("latency", {}).get("chosen", {})
+        return pruned, {"plan_speedup": chosen.get("speedup")}
+    if method.library == "slimdeploy" and method.plan == "percent":
+        # network slimming's one global share, bisected as a pruner's ratio
+        pruned, amount, speedup = bisect_ratio_to(
+            model, lambda amount: sd.prune(model, example, scores=scores, round_to=round_to, amount=amount)[0],
+            data.shape, target)
+        return pruned, {"percent": amount, "plan_speedup": speedup}
     if method.library == "slimdeploy":
-        def pruned_by(**how):
-            taylor = (labelled_batches(data.train, 128, TAYLOR_IMAGES, 0, data.normalize)
-                      if method.importance == "taylor" else None)
-            return sd.prune(model, example, scores=scores, round_to=round_to, importance=method.importance,
-                            taylor_batches=taylor, **how)
-
-        if method.plan == "percent":  # network slimming's one global share, bisected as a pruner's ratio
-            pruned, amount, speedup = bisect_ratio_to(
-                model, lambda amount: pruned_by(how="percent", amount=amount)[0], data.shape, target)
-            return pruned, {"percent": amount, "plan_speedup": speedup}
-        try:
-            pruned, plan = pruned_by(how="latency", target_speedup=target, latency_fit=LATENCY_FIT)
-        except OutOfReach as err:  # as the ratio bisection below: the fastest model allowed goes on
-            print(f"  {method.name} {target}x: {err}; the smallest plan goes on")
-            pruned, _ = pruned_by(how="threshold", amount=math.inf)  # every group at its smallest width
-            return pruned, {"plan_speedup": None, "fallback": "smallest widths"}
-        return pruned, {"plan_speedup": plan.notes["latency"]["chosen"]["speedup"]}
+        pruned, _, notes = latency_pruned(model, scores, method.importance, data, target, round_to)
+        return pruned, notes
     # Torch-Pruning ranks by its own importance on the regularised model; the ratio is searched for
     pruned, ratio, speedup = prune_by_ratio_to(model, example, method.pruner, target, round_to)
     return pruned, {"pruning_ratio": ratio, "plan_speedup": speedup}
@@ -377,6 +406,21 @@ def sparse_trained(dense: nn.Module, method: Method, data: Data, budget: Budget,
     return model, scores
 
 
+def planned(dense: nn.Module, method: Method, data: Data, budget: Budget, target: float,
+            cache: TrialCache | None) -> ChannelPlan:
+    """The latency plan for ``target`` made on the dense model by ``method.planned_by``, through the cache
+    (timing noise moves the plan between runs; its trainings are cached for the plan they were made for)."""
+    key = json.dumps([method.planned_by, target, asdict(budget), cache.start if cache else ""], sort_keys=True)
+    path = cache.folder / f"plan_{hashlib.sha256(key.encode()).hexdigest()[:16]}.json" if cache else None
+    if path and path.is_file():
+        return ChannelPlan.from_json(path)
+    _, plan, _ = latency_pruned(dense, None, method.planned_by, data, target, budget.round_to)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plan.to_json(path)
+    return plan
+
+
 def search_rule(grid: list[float]) -> dict:
     return {"grid": sorted(grid), "max_trials": MAX_TRIALS, "pruned_to": "lowest target"}
 
@@ -387,8 +431,10 @@ def rules(method: Method, grid: list[float]) -> dict:
     if method.library == "slimdeploy" and method.plan == "latency":
         made["latency_fit"] = LATENCY_FIT
         made["out_of_reach"] = "smallest widths"
-    if method.importance == "taylor":
+    if method.importance == "taylor" or method.planned_by == "taylor":
         made["taylor_images"] = TAYLOR_IMAGES
+    if method.planned_by:
+        made["planned_by"] = method.planned_by
     return made
 
 
@@ -440,21 +486,43 @@ def run_method(dense, method: Method, data: Data, budget: Budget, targets, grid,
     base = {"method": method.name, "library": method.library, "budget": asdict(budget)} | rules(method, grid)
     if method.library == "uniform":
         return [base | {"target": t} | run_uniform(dense, data, budget, t, scratch_epochs) for t in targets]
+    if method.planned_by:
+        return run_planned(dense, method, data, budget, targets, grid, base, cache)
     if method.lam:  # the chosen trial's model goes on: the search's training is not repeated
         method, model, scores, trials = search_lam(dense, method, data, budget, grid, min(targets), cache)
     else:
         (model, scores), trials = sparse_trained(dense, method, data, budget, cache), []
-    rows = []
-    sparse = top1(model, data.test, data.normalize, 500)  # what pruning without fine-tuning should keep
-    for target in targets:
-        pruned, notes = prune_to(model, method, scores, data, target, budget.round_to)
-        no_ft = top1(pruned, data.test, data.normalize, 500)
-        # BN statistics re-estimated, weights untouched: what pruning keeps without any training
-        no_ft_bn = top1(recalibrated(pruned, data, budget), data.test, data.normalize, 500)
-        train(pruned, data.train, data.normalize, budget.finetune_epochs, budget)
-        rows.append(base | {"target": target, "lam": method.lam, "search": trials, "accuracy_sparse": sparse,
-                            "accuracy_no_ft_bn": no_ft_bn} | row_for(dense, pruned, data, no_ft, notes))
+    return [evaluated(dense, model, scores, method, data, budget, target, base | {"search": trials})
+            for target in targets]
+
+
+def run_planned(dense, method: Method, data: Data, budget: Budget, targets, grid, base: dict,
+                cache: TrialCache | None = None) -> list[dict]:
+    """A method that trains toward each target's plan: one sparse training per target, λ searched at the
+    lowest target (the same search as every method) and kept for the others."""
+    rows, lam = [], None
+    for target in sorted(targets):
+        toward = replace(method, toward=planned(dense, method, data, budget, target, cache))
+        if lam is None:
+            toward, model, scores, trials = search_lam(dense, toward, data, budget, grid, target, cache)
+            lam = toward.lam
+        else:
+            toward, trials = toward.with_lam(lam), []
+            model, scores = sparse_trained(dense, toward, data, budget, cache)
+        rows.append(evaluated(dense, model, scores, toward, data, budget, target, base | {"search": trials}))
     return rows
+
+
+def evaluated(dense, model, scores, method: Method, data: Data, budget: Budget, target: float, base: dict) -> dict:
+    """The sparse-trained ``model`` pruned to ``target``, measured before and after fine-tuning."""
+    sparse = top1(model, data.test, data.normalize, 500)  # what pruning without fine-tuning should keep
+    pruned, notes = prune_to(model, method, scores, data, target, budget.round_to)
+    no_ft = top1(pruned, data.test, data.normalize, 500)
+    # BN statistics re-estimated, weights untouched: what pruning keeps without any training
+    no_ft_bn = top1(recalibrated(pruned, data, budget), data.test, data.normalize, 500)
+    train(pruned, data.train, data.normalize, budget.finetune_epochs, budget)
+    return base | {"target": target, "lam": method.lam, "accuracy_sparse": sparse, "accuracy_no_ft_bn": no_ft_bn} \
+        | row_for(dense, pruned, data, no_ft, notes)
 
 
 # --- publishing -----------------------------------------------------------------------------------------

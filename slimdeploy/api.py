@@ -47,20 +47,49 @@ def sparsify(
     beta: float = 100.0,
     include=(),
     exclude=(),
+    plan: ChannelPlan | None = None,
 ) -> Sparsifier:
     """Put a sparsity penalty on the BN γ of ``model`` (plain or DDP-wrapped) by hooking ``optimizer``.
 
     ``method``: ``subgradient`` (adds λ∂p(γ) to the gradients before each step), ``proximal`` (proximal
     NS: γ/ξ splitting with coupling ``beta``; ξ reaches exact zeros) or ``prox_sgd`` (prox on γ after each
     step). ``penalty``: ``l1``, ``lp`` (exponent ``p``), ``tl1``, ``mcp``, ``scad`` (``a``; None: the
-    penalty's default). ``include``/``exclude``: fnmatch patterns of BN module names. The learning rate is
-    read from γ's param group at every step; a step a GradScaler skips is skipped here too.
+    penalty's default). ``include``/``exclude``: fnmatch patterns of BN module names. ``plan``: penalise
+    only the BN channels this plan (of :func:`prune`, made on ``model`` before training) removes, and let
+    the rest train freely; with ``proximal`` their ξ reach exact zeros, and ``prune(..., plan=plan)``
+    afterwards removes channels that output only their shift. The learning rate is read from γ's param
+    group at every step; a step a GradScaler skips is skipped here too.
 
     Returns the handle: ``.scores()`` (per-BN channel scores for :func:`prune`), ``.state_dict()`` /
     ``.load_state_dict()`` (ξ of proximal NS, for checkpoints), ``.remove()`` (detach the hooks).
     """
-    sparsifier = make_sparsifier(model, method, penalty, lam, p=p, a=a, beta=beta, include=include, exclude=exclude)
+    channels = None if plan is None else plan_bn_channels(model, plan)
+    sparsifier = make_sparsifier(model, method, penalty, lam, p=p, a=a, beta=beta, include=include, exclude=exclude,
+                                 channels=channels)
     return sparsifier.attach(optimizer)
+
+
+def plan_bn_channels(model: nn.Module, plan: ChannelPlan) -> dict[str, list[int]]:
+    """Per affine BN of ``model``, the channels ``plan`` removes (indices of the unpruned model)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    device = next(model.parameters()).device
+    example = torch.randn(1, *plan.input_shape, device=device)
+    was_training = model.training
+    graph = build_graph(model.eval(), example)
+    model.train(was_training)
+    check_plan_fits(plan, channel_groups(model, graph))
+    return removed_bn_channels(model, graph, plan)
+
+
+def check_plan_fits(plan: ChannelPlan, groups) -> None:
+    """InputError unless ``plan`` was made for a model with these channel groups."""
+    have = {g.root: g.channels for g in groups}
+    want = {g.root: g.channels for g in plan.groups}
+    if have != want:
+        differ = sorted(set(have.items()) ^ set(want.items()))
+        raise InputError(f"plan: made for other channel groups than this model has (first difference: "
+                         f"{differ[0][0]}); pass a plan made on this architecture")
 
 
 @dataclass
@@ -93,6 +122,7 @@ def prune(
     latency_threads: int = 1,
     taylor_batches=None,
     taylor_loss=None,
+    plan: ChannelPlan | None = None,
 ) -> tuple[nn.Module, ChannelPlan]:
     """Physically remove channels from a copy of ``model``; returns ``(pruned_model, plan)``.
 
@@ -120,14 +150,17 @@ def prune(
     iterable; about 10,000 training images keep the plan steady), and ``taylor_loss(outputs, targets)``
     (default cross entropy); channels scoring exactly 0 still first (see :mod:`slimdeploy.importance`).
     ``model_name``/``model_kwargs``: how :func:`load_pruned` builds the unpruned model (default: the
-    model's class, called with no arguments). ``model`` itself is not modified.
+    model's class, called with no arguments). ``plan``: remove exactly the channels of this plan, made
+    earlier on the same architecture (e.g. the latency plan :func:`sparsify` trained toward), instead of
+    planning; ``scores`` then only say which removed channels are zeros, for compensation.
+    ``model`` itself is not modified.
     """
     outcome = prune_with_record(model, example_inputs, scores, how, amount, round_to, min_channels, compensate,
                                 calibration, score_reduce=score_reduce, importance=importance, model_name=model_name,
                                 model_kwargs=model_kwargs, target_speedup=target_speedup, target_ms=target_ms,
                                 latency_fit=latency_fit, latency_table=latency_table, latency_batch=latency_batch,
                                 latency_threads=latency_threads, taylor_batches=taylor_batches,
-                                taylor_loss=taylor_loss)
+                                taylor_loss=taylor_loss, plan=plan)
     return outcome.model, outcome.plan
 
 
@@ -135,9 +168,11 @@ def prune_with_record(model, example_inputs, scores=None, how="percent", amount=
                       min_channels=1, compensate="exact", calibration=None, *, score_reduce="max",
                       importance="bn", model_name=None, model_kwargs=None, target_speedup=None, target_ms=None,
                       latency_fit="within", latency_table=None, latency_batch=1, latency_threads=1,
-                      taylor_batches=None, taylor_loss=None) -> PruneOutcome:
+                      taylor_batches=None, taylor_loss=None, plan=None) -> PruneOutcome:
     """:func:`prune`, also returning which BN channels the plan removed (for measuring compensation)."""
     latency.check_fit(latency_fit)
+    if plan is not None and not isinstance(plan, ChannelPlan):
+        raise InputError(f"plan must be a ChannelPlan (sd.prune's second result), got {type(plan).__name__}")
     if how == "latency":
         latency.check_targets(target_speedup, target_ms)
     elif target_speedup is not None or target_ms is not None:
@@ -166,14 +201,17 @@ def prune_with_record(model, example_inputs, scores=None, how="percent", amount=
     elif hasattr(scores, "scores"):
         scores = scores.scores()
     groups = channel_groups(pruned, graph)
+    if compensate != "none":
+        calibration = (example_inputs if calibration is None else calibration).to(device)
+    if plan is not None:
+        check_plan_fits(plan, groups)
+        return _prune_by(pruned, graph, groups, scores, copy.deepcopy(plan), compensate, calibration)
     scores = ranking_scores(pruned, graph, groups, scores, importance, taylor_batches, taylor_loss)
     if model_name is None:
         model_name = f"{type(model).__module__}:{type(model).__qualname__}"
     plan_kwargs = dict(how=how, amount=amount, min_channels=min_channels, round_to=round_to,
                        score_reduce=score_reduce, model_name=model_name, model_kwargs=model_kwargs,
                        num_classes=output_classes(model) or 0, input_shape=tuple(example_inputs.shape[1:]))
-    if compensate != "none":
-        calibration = (example_inputs if calibration is None else calibration).to(device)
     if how != "latency":
         outcome = _prune_traced(pruned, graph, scores, plan_kwargs, compensate, calibration, groups)
     else:
@@ -218,7 +256,11 @@ def _prune_traced(pruned, graph, scores, plan_kwargs: dict, compensate: str, cal
     """Plan on a traced copy of the model and remove the channels from it, in place (``groups``: its
     channel groups, if already found)."""
     groups = groups or channel_groups(pruned, graph)
-    plan = make_plan(groups, scores, **plan_kwargs)
+    return _prune_by(pruned, graph, groups, scores, make_plan(groups, scores, **plan_kwargs), compensate, calibration)
+
+
+def _prune_by(pruned, graph, groups, scores, plan: ChannelPlan, compensate: str, calibration) -> PruneOutcome:
+    """Remove the channels of ``plan`` from the traced model, in place."""
     zeroed = removed_bn_channels(pruned, graph, plan)
     apply_plan(pruned, plan, None if compensate == "none" else calibration, exact=compensate == "exact",
                graph=graph, zero_channels={g.root: zero_channels(g, scores) for g in groups})

@@ -9,7 +9,9 @@
 - ``prox_sgd``: proximal gradient on γ itself, γ ← prox_{lr·p_λ}(γ) after each step.
 
 All regularised γ are handled as one flat vector per step (one penalty call, foreach adds/copies), so
-the cost does not grow with the number of BN layers.
+the cost does not grow with the number of BN layers. With ``channels`` only the listed channels of each
+BN are penalised (those a pruning plan made before training removes: proximal NS then drives exactly
+them to 0, and pruning by that plan removes zeros); the other channels train as without a penalty.
 """
 
 from __future__ import annotations
@@ -52,20 +54,24 @@ class Sparsifier:
     method = "none"
     uses_penalty = False
 
-    def __init__(self, model: nn.Module, penalty: Penalty | None = None, include=(), exclude=()):
+    def __init__(self, model: nn.Module, penalty: Penalty | None = None, include=(), exclude=(),
+                 channels: dict[str, list[int]] | None = None):
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module  # BN names as in the plain model
         self.penalty = penalty
         self.bns = select_bns(model, include, exclude)
+        if channels is not None:
+            self.bns = {name: bn for name, bn in self.bns.items() if len(channels.get(name, ())) > 0}
         self.gammas = [bn.weight for bn in self.bns.values()]
         self.sizes = [g.numel() for g in self.gammas]
+        self.mask = None if channels is None else _channel_mask(self.bns, channels, model)
         self._optimizer, self._gamma_groups, self._hooks = None, [], []
 
     @classmethod
     def from_options(cls, model: nn.Module, penalty: Penalty | None, *, beta: float, include=(),
-                     exclude=()) -> "Sparsifier":
+                     exclude=(), channels=None) -> "Sparsifier":
         """Built by :func:`make_sparsifier`, whose options a sparsifier with options of its own reads here."""
-        return cls(model, penalty, include, exclude)
+        return cls(model, penalty, include, exclude, channels)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "Sparsifier":
         """Run :meth:`before_step` and :meth:`after_step` around every ``optimizer.step()``."""
@@ -102,6 +108,14 @@ class Sparsifier:
             return torch.zeros(0)
         return torch.cat([g.detach().reshape(-1) for g in self.gammas])
 
+    def penalised(self, flat: torch.Tensor) -> torch.Tensor:
+        """The entries of a flat γ-shaped vector that carry the penalty (all without ``channels``)."""
+        return flat if self.mask is None else flat[self.mask]
+
+    def only_penalised(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """``new`` where the penalty acts, ``old`` elsewhere."""
+        return new if self.mask is None else torch.where(self.mask, new, old)
+
     def before_step(self) -> None:
         """Called after backward (gradients unscaled) and before ``optimizer.step()``."""
 
@@ -113,7 +127,7 @@ class Sparsifier:
         return {name: bn.weight.detach().abs().clone() for name, bn in self.bns.items()}
 
     def penalty_value(self) -> float:
-        return float(self.penalty.value(self.flat_gamma())) if self.penalty and self.gammas else 0.0
+        return float(self.penalty.value(self.penalised(self.flat_gamma()))) if self.penalty and self.gammas else 0.0
 
     def summary(self) -> ProximalSummary | None:
         """What the run report records of the sparsifier's own state (None: nothing beyond the scores)."""
@@ -142,6 +156,7 @@ class SubgradientSparsifier(Sparsifier):
                 g.grad = torch.zeros_like(g)
             grads.append(g.grad)
         step = self.penalty.grad(self.flat_gamma())
+        step = self.only_penalised(step, torch.zeros_like(step))
         torch._foreach_add_(grads, list(step.split(self.sizes)))
 
 
@@ -152,15 +167,15 @@ class ProximalSparsifier(Sparsifier):
     method = "proximal"
     uses_penalty = True
 
-    def __init__(self, model, penalty, beta: float, include=(), exclude=()):
-        super().__init__(model, penalty, include, exclude)
+    def __init__(self, model, penalty, beta: float, include=(), exclude=(), channels=None):
+        super().__init__(model, penalty, include, exclude, channels)
         self.beta = float(beta)
         # ξ starts at γ, so the coupling term starts at zero.
         self.xi = [g.detach().clone() for g in self.gammas]
 
     @classmethod
-    def from_options(cls, model, penalty, *, beta, include=(), exclude=()) -> "ProximalSparsifier":
-        return cls(model, penalty, beta, include, exclude)
+    def from_options(cls, model, penalty, *, beta, include=(), exclude=(), channels=None) -> "ProximalSparsifier":
+        return cls(model, penalty, beta, include, exclude, channels)
 
     @torch.no_grad()
     def after_step(self, lr: float) -> None:
@@ -168,12 +183,18 @@ class ProximalSparsifier(Sparsifier):
             return
         alpha, beta = 1.0 / lr, self.beta
         w = alpha / (alpha + beta)
-        # γ ← w·γ + (1 − w)·ξ
-        torch._foreach_mul_(self.gammas, w)
-        torch._foreach_add_(self.gammas, self.xi, alpha=1 - w)
-        # ξ ← prox_{p_λ/(α+β)}(w·ξ + (1 − w)·γ)
-        target = self.flat_xi() * w + self.flat_gamma() * (1 - w)
-        new_xi = self.penalty.prox(target, 1.0 / (alpha + beta))
+        if self.mask is None:
+            # γ ← w·γ + (1 − w)·ξ
+            torch._foreach_mul_(self.gammas, w)
+            torch._foreach_add_(self.gammas, self.xi, alpha=1 - w)
+            # ξ ← prox_{p_λ/(α+β)}(w·ξ + (1 − w)·γ)
+            new_xi = self.penalty.prox(self.flat_xi() * w + self.flat_gamma() * (1 - w), 1.0 / (alpha + beta))
+        else:  # the same on the penalised channels; the others keep their γ, and ξ = γ there
+            gamma, xi = self.flat_gamma(), self.flat_xi()
+            new_gamma = self.only_penalised(gamma * w + xi * (1 - w), gamma)
+            new_xi = self.only_penalised(self.penalty.prox(xi * w + new_gamma * (1 - w), 1.0 / (alpha + beta)),
+                                         new_gamma)
+            torch._foreach_copy_(self.gammas, [x.view_as(g) for x, g in zip(new_gamma.split(self.sizes), self.gammas)])
         torch._foreach_copy_(self.xi, [x.view_as(old) for x, old in zip(new_xi.split(self.sizes), self.xi)])
 
     def flat_xi(self) -> torch.Tensor:
@@ -183,7 +204,7 @@ class ProximalSparsifier(Sparsifier):
         return {name: xi.abs().clone() for name, xi in zip(self.bns, self.xi)}
 
     def penalty_value(self) -> float:
-        return float(self.penalty.value(self.flat_xi())) if self.xi else 0.0
+        return float(self.penalty.value(self.penalised(self.flat_xi()))) if self.xi else 0.0
 
     def zero_summary(self) -> dict:
         """How many ξ are exactly zero, and how large the γ of those channels still are."""
@@ -220,7 +241,8 @@ class ProxSGDSparsifier(Sparsifier):
     def after_step(self, lr: float) -> None:
         if not self.gammas:
             return
-        new = self.penalty.prox(self.flat_gamma(), lr)
+        gamma = self.flat_gamma()
+        new = self.only_penalised(self.penalty.prox(gamma, lr), gamma)
         torch._foreach_copy_(self.gammas, [x.view_as(g) for x, g in zip(new.split(self.sizes), self.gammas)])
 
 
@@ -235,15 +257,34 @@ def make_sparsifier(
     beta: float = 100.0,
     include=(),
     exclude=(),
+    channels: dict[str, list[int]] | None = None,
 ) -> Sparsifier:
     """The sparsifier ``method`` (one of ``SPARSIFIERS.names()``) with a penalty on the selected BN γ.
 
     ``penalty`` is a :class:`Penalty` or a name for :func:`slimdeploy.penalties.get` with ``lam``, ``p``
     (lp) and ``a`` (tl1, mcp, scad; None: the penalty's default). ``beta`` is proximal NS's coupling.
+    ``channels``: per BN name, the channel indices the penalty acts on (None: every channel).
     """
     cls = SPARSIFIERS.get(method)
     if not cls.uses_penalty:
         penalty = None
     elif not isinstance(penalty, Penalty):
         penalty = penalties.get(penalty, lam, p=p, a=a)
-    return cls.from_options(model, penalty, beta=beta, include=include, exclude=exclude)
+    return cls.from_options(model, penalty, beta=beta, include=include, exclude=exclude, channels=channels)
+
+
+def _channel_mask(bns: dict[str, nn.Module], channels: dict[str, list[int]], model: nn.Module) -> torch.Tensor:
+    """The flat mask over the γ of ``bns`` that is True at the listed channels."""
+    known = affine_bns(model)
+    for name, idxs in channels.items():
+        if name not in known:
+            raise ValueError(f"channels: {name!r} is not a BN layer with γ in the model")
+        size = known[name].weight.numel()
+        if any(not 0 <= int(i) < size for i in idxs):
+            raise ValueError(f"channels: {name} has {size} channels, got indices {sorted(idxs)}")
+    masks = []
+    for name, bn in bns.items():
+        mask = torch.zeros(bn.weight.numel(), dtype=torch.bool, device=bn.weight.device)
+        mask[[int(i) for i in channels[name]]] = True
+        masks.append(mask)
+    return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)

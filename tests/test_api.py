@@ -13,7 +13,7 @@ from torch import nn
 import slimdeploy as sd
 from slimdeploy import api, penalties
 from slimdeploy.errors import InputError, ModelError
-from slimdeploy.prune import BiasMap
+from slimdeploy.prune import BiasMap, zero_removed_gammas
 
 from helpers import ROOT, prune_from_zeros, trained_like
 
@@ -124,6 +124,81 @@ def test_proximal_hook_uses_the_lr_of_the_gamma_group_and_remove_detaches():
     before = [x.clone() for x in handle.xi]
     one_step(model, optimizer)
     assert all(torch.equal(a, b) for a, b in zip(before, handle.xi))
+
+
+@pytest.mark.parametrize("method", ["proximal", "subgradient", "prox_sgd"])
+def test_a_penalty_on_some_channels_leaves_the_others_as_plain_training_would(method):
+    """One step: the listed channels move as under the penalty on every channel, the rest as with none."""
+    torch.manual_seed(0)
+    model, everywhere, plain = Net(), Net(), Net()
+    start = trained_like(Net()).state_dict()
+    for m in (model, everywhere, plain):
+        m.load_state_dict(start)
+    channels = {"stem.1": [0, 3], "blocks.1.body.4": [5]}
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, everywhere, plain)]
+    options = dict(method=method, penalty="l1", lam=0.4, beta=2.0)
+    handle = api.make_sparsifier(model, **options, channels=channels).attach(opts[0])
+    reference = api.make_sparsifier(everywhere, **options).attach(opts[1])
+    for m, opt in zip((model, everywhere, plain), opts):
+        torch.manual_seed(1)
+        one_step(m, opt)
+    assert set(handle.bns) == set(channels)  # BNs without a listed channel are not touched at all
+    stepped, penalised, free = gammas(model), gammas(everywhere), gammas(plain)
+    for name, gamma in stepped.items():
+        listed = torch.zeros_like(gamma, dtype=torch.bool)
+        listed[channels.get(name, [])] = True
+        torch.testing.assert_close(gamma[listed], penalised[name][listed])
+        torch.testing.assert_close(gamma[~listed], free[name][~listed])
+    if method == "proximal":  # ξ follows γ where no penalty acts
+        for name, xi in zip(handle.bns, handle.xi):
+            listed = torch.zeros_like(xi, dtype=torch.bool)
+            listed[channels[name]] = True
+            torch.testing.assert_close(xi[~listed], stepped[name][~listed])
+            torch.testing.assert_close(xi[listed], reference.xi[list(reference.bns).index(name)][listed])
+
+
+def test_proximal_toward_a_plan_zeroes_exactly_its_channels_and_pruning_by_it_loses_nothing():
+    """The workflow for a latency budget: plan on the trained model, drive that plan's channels to exact
+    zeros while the rest adapts, then remove them: the pruned model computes what the trained one does."""
+    torch.manual_seed(0)
+    model = trained_like(Net())
+    x = torch.randn(16, 3, 8, 8)
+    _, plan = sd.prune(model, x, how="percent", amount=0.5, round_to=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    handle = sd.sparsify(model, optimizer, method="proximal", penalty="l1", lam=2.0, beta=10.0, plan=plan)
+    model.train()
+    for _ in range(60):
+        one_step(model, optimizer)
+    model.eval()
+    removed = api.plan_bn_channels(model, plan)
+    assert removed and set(handle.bns) == set(removed)
+    for name, xi in handle.scores().items():
+        assert (xi == 0).nonzero().flatten().tolist() == removed[name]  # those channels, and no other
+    pruned, applied = sd.prune(model, x, scores=handle, plan=plan)
+    assert [g.remove for g in applied.groups] == [g.remove for g in plan.groups]
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        scale = float(model(x).abs().max())
+        # removal itself is exact: the trained model with the plan's γ set to 0 ...
+        zeroed = zero_removed_gammas(copy.deepcopy(model), plan)
+        torch.testing.assert_close(pruned(x), zeroed(x), atol=1e-5 * scale, rtol=0)
+        # ... and those γ, coupled to ξ = 0, were left tiny: pruning changed the trained model's output by little
+        torch.testing.assert_close(pruned(x), model(x), atol=1e-2 * scale, rtol=0)
+
+
+def test_a_plan_for_another_architecture_is_refused_in_one_line():
+    model, wider = trained_like(Net()), trained_like(Net(width=24))
+    _, plan = sd.prune(wider, torch.randn(2, 3, 8, 8), amount=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for call in (lambda: sd.prune(model, torch.randn(2, 3, 8, 8), plan=plan),
+                 lambda: sd.sparsify(model, optimizer, method="proximal", plan=plan)):
+        with pytest.raises(InputError, match="plan: made for other channel groups than this model has") as err:
+            call()
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"channels: stem.1 has 16 channels, got indices \[16\]"):
+        api.make_sparsifier(model, "proximal", channels={"stem.1": [16]})
+    with pytest.raises(ValueError, match="channels: 'head' is not a BN layer"):
+        api.make_sparsifier(model, "proximal", channels={"head": [0]})
 
 
 def test_gamma_missing_from_optimizer_is_one_line():

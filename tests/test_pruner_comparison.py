@@ -44,8 +44,8 @@ def data(harness):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, grid", [("l1", [0.5, 1.0]), ("l1+group_norm", [1.0]), ("l1+taylor", [1.0]),
-                                        ("l1+percent", [1.0]), ("bnscale", [1.0]),
-                                        ("uniform", [1.0])])
+                                        ("l1+percent", [1.0]), ("proximal_l1_planned", [1.0]),
+                                        ("bnscale", [1.0]), ("uniform", [1.0])])
 def test_each_library_reaches_the_target_with_a_complete_row(harness, data, sized_timing, name, grid, tmp_path,
                                                             monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the latency table's cache
@@ -201,3 +201,27 @@ def test_a_slimdeploy_target_out_of_reach_falls_back_on_the_smallest_widths(harn
     assert notes == {"plan_speedup": None, "fallback": "smallest widths"}
     widths = harness.layer_widths(pruned)
     assert widths.pop("fc") == 10 and set(widths.values()) == {8}
+
+
+@pytest.mark.slow
+def test_a_planned_method_trains_toward_each_targets_plan_and_prunes_by_it(harness, data, sized_timing, tmp_path,
+                                                                           monkeypatch):
+    """One plan per target, made on the dense model; its trainings are cached per plan; the rows are pruned
+    by the plan they trained toward, whose channels (and no others) the penalty drove to exact zeros."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    dense = trained_like("resnet20")
+    budget = harness.Budget(sparse_epochs=1, finetune_epochs=0, batch=32)
+    cache = harness.TrialCache(tmp_path / "trials", "digest")
+    method = harness.METHODS["proximal_l1_planned"].with_lam(1e3)  # strong enough to zero them in 3 steps
+    plans = {t: harness.planned(dense, method, data, budget, t, cache) for t in (1.3, 1.6)}
+    assert plans[1.6].channels_kept < plans[1.3].channels_kept
+    assert harness.planned(dense, method, data, budget, 1.3, cache).to_dict() == plans[1.3].to_dict()  # cached
+    for target, plan in plans.items():
+        toward = harness.replace(method, toward=plan)
+        model, scores = harness.sparse_trained(dense, toward, data, budget, cache)
+        removed = harness.sd.api.plan_bn_channels(model, plan)
+        assert {name: (xi == 0).nonzero().flatten().tolist() for name, xi in scores.items()} == removed
+        pruned, _ = harness.prune_to(model, toward, scores, data, target, budget.round_to)
+        by_plan, _ = harness.sd.prune(dense, torch.randn(1, *data.shape), plan=plan)
+        assert harness.layer_widths(pruned) == harness.layer_widths(by_plan) != harness.layer_widths(dense)
+    assert len(list((tmp_path / "trials").glob("proximal_l1_planned_*.pt"))) == 2
