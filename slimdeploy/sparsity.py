@@ -12,7 +12,8 @@ All regularised γ are handled as one flat vector per step (one penalty call, fo
 the cost does not grow with the number of BN layers. With ``channels`` only the listed channels of each
 BN are penalised (those a pruning plan made before training removes); the other channels train as without
 a penalty. Proximal NS then drives exactly the listed channels to 0 and, once their ξ is 0, holds their γ
-at 0 as well, so the rest of the network adapts to their removal and pruning by that plan loses nothing.
+and shift β at 0, so the rest of the network adapts to their removal and pruning by that plan loses
+nothing and needs no compensation.
 """
 
 from __future__ import annotations
@@ -195,10 +196,16 @@ class ProximalSparsifier(Sparsifier):
             new_gamma = self.only_penalised(gamma * w + xi * (1 - w), gamma)
             new_xi = self.only_penalised(self.penalty.prox(xi * w + new_gamma * (1 - w), 1.0 / (alpha + beta)),
                                          new_gamma)
-            # A listed channel whose ξ reached 0 is out from then on: its γ is 0 too. Coupled to ξ = 0 alone,
-            # γ lingers near −lr·∂L/∂γ and the next layer learns to amplify it (γ of 0.02 carried half the
-            # logits of a ResNet-20), so removing the channel would still change the model.
-            new_gamma = torch.where(self.mask & (new_xi == 0), torch.zeros_like(new_gamma), new_gamma)
+            # A listed channel whose ξ reached 0 is out from then on: γ and the shift β are held at 0, so it
+            # outputs 0 and the later layers learn without it. Coupled to ξ = 0 alone, γ lingers near
+            # −lr·∂L/∂γ and the next layer learns to amplify it (γ of 0.02 carried half the logits of a
+            # ResNet-20); a constant β would need a per-position map after removal, where zero padding
+            # makes its contribution vary (one per block cost ResNet-20 a fifth of its speedup).
+            out = self.mask & (new_xi == 0)
+            new_gamma = new_gamma.masked_fill(out, 0)
+            betas = [bn.bias for bn in self.bns.values()]
+            kept_beta = torch.cat([b.detach().reshape(-1) for b in betas]).masked_fill(out, 0)
+            torch._foreach_copy_(betas, [x.view_as(b) for x, b in zip(kept_beta.split(self.sizes), betas)])
             torch._foreach_copy_(self.gammas, [x.view_as(g) for x, g in zip(new_gamma.split(self.sizes), self.gammas)])
         torch._foreach_copy_(self.xi, [x.view_as(old) for x, old in zip(new_xi.split(self.sizes), self.xi)])
 

@@ -182,9 +182,14 @@ def test_proximal_toward_a_plan_zeroes_exactly_its_channels_and_pruning_by_it_lo
     assert [g.remove for g in applied.groups] == [g.remove for g in plan.groups]
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
     for name, bn in handle.bns.items():  # held at 0 with their ξ: no later layer can amplify what is left
-        assert not bn.weight[removed[name]].any()
+        assert not bn.weight[removed[name]].any() and not bn.bias[removed[name]].any()
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), model(x), atol=1e-5 * float(model(x).abs().max()), rtol=0)
+    # they output 0, so removing them needs no compensation, and no per-position map costs latency
+    assert not applied.bias_maps and not any(isinstance(m, BiasMap) for m in pruned.modules())
+    unadjusted, _ = sd.prune(model, x, scores=handle, plan=plan, compensate="none")
+    with torch.no_grad():
+        torch.testing.assert_close(unadjusted(x), model(x), atol=1e-5 * float(model(x).abs().max()), rtol=0)
 
 
 def test_a_plan_for_another_architecture_is_refused_in_one_line():
