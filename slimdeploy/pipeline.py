@@ -127,12 +127,34 @@ def _build_model(ctx: RunContext) -> nn.Module:
     return model.to(ctx.device, memory_format=ctx.normalize.memory_format)
 
 
-def sparse_train_stage(ctx: RunContext, model: nn.Module, sparsifier: Sparsifier) -> TrainResult:
-    """Train ``model`` with the sparsity penalty; its weights go to dense.pt."""
+def plan_first_stage(ctx: RunContext, model: nn.Module) -> ChannelPlan:
+    """prune.plan_first: the prune section's plan, made on the starting model (|γ| or the importance's
+    scores) before sparse training, and written to first_plan.json. Rank 0 plans (a latency plan is timed)
+    and the other ranks read its file; a resumed run reads the plan it trained toward."""
+    path = ctx.run_dir.first_plan
+    with distributed.main_first(ctx.procs):
+        if path.is_file() and (ctx.resume or not ctx.run_dir.owner):
+            return ChannelPlan.from_json(path)
+        start = copy.deepcopy(model).cpu().eval()
+        plan = api.prune_with_record(
+            start, _cpu_batch(ctx.normalize, ctx.data.train, ctx.recipe.prune.calibration_images), None,
+            **_prune_kwargs(ctx.recipe), model_name=ctx.recipe.model.name, model_kwargs=ctx.recipe.model.kwargs,
+            taylor_batches=_taylor_batches(ctx) if ctx.recipe.prune.importance == "taylor" else None,
+        ).plan
+        ctx.run_dir.write_plan(plan, path)
+    ctx.logger.info(f"planned first: {plan.channels_total - plan.channels_kept} of {plan.channels_total} channels "
+                    f"to remove; the penalty acts on them alone")
+    return plan
+
+
+def sparse_train_stage(ctx: RunContext, model: nn.Module, sparsifier: Sparsifier,
+                       first_plan: ChannelPlan | None = None) -> TrainResult:
+    """Train ``model`` with the sparsity penalty (toward ``first_plan``, if made); its weights go to dense.pt."""
     recipe = ctx.recipe
     ctx.logger.info(f"sparse training: {recipe.model.name}, {recipe.sparsity.method}/{recipe.sparsity.penalty}, "
                     f"{recipe.train.epochs} epochs on {len(ctx.data.train)} {ctx.data.name} images")
-    fingerprint = _fingerprint(_recipe_fields(recipe, "prune", "finetune", "export", "bench"))
+    fingerprint = _fingerprint(_recipe_fields(recipe, "prune", "finetune", "export", "bench"),
+                               *([asdict(first_plan)] if first_plan else []))
     trained = _train_stage(ctx, model, sparsifier, "sparse", fingerprint)
     ctx.run_dir.save_weights("dense", model)
     return trained
@@ -192,15 +214,17 @@ def _recalibrate_bn(ctx: RunContext, model: nn.Module, images: int) -> None:
                                     model)
 
 
-def prune_stage(ctx: RunContext, dense: nn.Module, sparsifier: Sparsifier) -> PruneResult:
-    """Plan from the sparsifier's BN scores and remove the channels from a copy of ``dense`` (a CPU model);
-    the plan and the score and width plots go to the run directory."""
+def prune_stage(ctx: RunContext, dense: nn.Module, sparsifier: Sparsifier,
+                first_plan: ChannelPlan | None = None) -> PruneResult:
+    """Plan from the sparsifier's BN scores (or take ``first_plan``) and remove the channels from a copy of
+    ``dense`` (a CPU model); the plan and the score and width plots go to the run directory."""
     recipe, scores = ctx.recipe, sparsifier.scores()
     tic = time.perf_counter()
     outcome = api.prune_with_record(
         dense, _cpu_batch(ctx.normalize, ctx.data.train, recipe.prune.calibration_images), scores,
         **_prune_kwargs(recipe), model_name=recipe.model.name, model_kwargs=recipe.model.kwargs,
-        taylor_batches=_taylor_batches(ctx) if recipe.prune.importance == "taylor" else None,
+        taylor_batches=_taylor_batches(ctx) if recipe.prune.importance == "taylor" and not first_plan else None,
+        plan=first_plan,
     )
     seconds = time.perf_counter() - tic
     proximal = sparsifier.summary()
@@ -433,10 +457,12 @@ def run(
 
 def _run(ctx: RunContext, recipe_name: str, export_format: str | None) -> RunResult:
     model = _build_model(ctx)
-    sparsifier = make_sparsifier(model, **ctx.recipe.sparsity.model_dump())
-    sparse = sparse_train_stage(ctx, model, sparsifier)
+    first_plan = plan_first_stage(ctx, model) if ctx.recipe.prune.plan_first else None
+    channels = api.plan_bn_channels(model, first_plan) if first_plan else None
+    sparsifier = make_sparsifier(model, **ctx.recipe.sparsity.model_dump(), channels=channels)
+    sparse = sparse_train_stage(ctx, model, sparsifier, first_plan)
     dense = copy.deepcopy(model).cpu().eval()  # planning, surgery, export and benchmarks run on the CPU
-    pruning = prune_stage(ctx, dense, sparsifier)
+    pruning = prune_stage(ctx, dense, sparsifier, first_plan)
     finetuned = finetune_stage(ctx, pruning)
     if not ctx.run_dir.owner:  # the other ranks train alike; rank 0 alone exports, benchmarks and reports
         return RunResult(ctx.run_dir.root, {})

@@ -296,6 +296,11 @@ class PruneCfg(_Section):
         "value only), none",
     )
     calibration_images: int = Field(64, ge=1, description="training images for compensation")
+    plan_first: bool = Field(
+        False, description="make the plan on the starting model, before sparse training, and put the penalty on "
+        "the channels it removes alone; pruning then removes exactly those. With sparsity.method: proximal their "
+        "ξ reach 0 and their γ and shift are then held at 0, so pruning loses nothing once every planned channel "
+        "is at 0 (λ large enough: the report counts them); for a model already trained (model.weights)")
     bn_recalibration_images: int = Field(
         0, ge=0, description="after pruning, BN statistics re-estimated on this many training images, weights "
         "untouched (adaptive BN: pruned past the zeros, every later BN sees other statistics); 0: off",

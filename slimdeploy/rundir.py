@@ -54,6 +54,11 @@ class RunDir:
     def plan(self) -> Path:
         return self.root / "pruned_plan.json"
 
+    @property
+    def first_plan(self) -> Path:
+        """prune.plan_first: the plan made before sparse training, which a resumed run trains toward."""
+        return self.root / "first_plan.json"
+
     def onnx(self, model: str) -> Path:
         return self.root / f"{_checked(model)}.onnx"
 
@@ -95,9 +100,9 @@ class RunDir:
         if self.owner:
             save_atomic(model.state_dict(), self.weights(model_name))
 
-    def write_plan(self, plan: ChannelPlan) -> None:
+    def write_plan(self, plan: ChannelPlan, path: Path | None = None) -> None:
         if self.owner:
-            plan.to_json(self.plan)
+            plan.to_json(path or self.plan)
 
     def write_pruning_plots(self, scores: np.ndarray, score_label: str, layers: list[LayerWidth]) -> None:
         """The BN scores' histogram and the kept width of every layer."""

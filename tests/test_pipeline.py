@@ -185,3 +185,20 @@ def test_pipeline_ranks_by_the_recipes_importance(tmp_path, importance):
     report = pipeline.run(recipe, tmp_path, progress=False).report
     assert json.loads((tmp_path / "pruned_plan.json").read_text())["notes"]["importance"] == importance
     assert 0 < report["pruning"]["channels_kept"] < report["pruning"]["channels_total"]
+
+
+def test_plan_first_trains_toward_the_plan_and_pruning_by_it_loses_nothing(tmp_path):
+    """prune.plan_first: the plan is made on the starting model, proximal NS drives its channels (and no
+    others) to 0, and the pruned model, before any fine-tuning, is as accurate as the sparse-trained one."""
+    recipe = build_recipe(tiny_recipe(sparsity={"method": "proximal", "penalty": "l1", "lam": 1e3},
+                                      prune={"plan_first": True, "percent": 0.5, "round_to": 4},
+                                      train={"epochs": 2}))
+    report = pipeline.run(recipe, tmp_path, progress=False).report
+    first = json.loads((tmp_path / "first_plan.json").read_text())
+    applied = json.loads((tmp_path / "pruned_plan.json").read_text())
+    assert [g["remove"] for g in applied["groups"]] == [g["remove"] for g in first["groups"]]
+    removed = report["pruning"]["channels_total"] - report["pruning"]["channels_kept"]
+    assert removed > 0 and report["pruning"]["proximal"]["xi_zeros"] >= removed
+    assert report["pruned_no_finetune_accuracy"] == report["dense"]["accuracy"]
+    check = report["pruning"]["error_vs_zeroed_gamma"]
+    assert check["max_abs_diff"] <= 1e-5 * check["max_abs_logit"]
