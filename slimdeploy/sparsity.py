@@ -19,6 +19,7 @@ nothing and needs no compensation.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 
 import torch
 from torch import nn
@@ -282,7 +283,13 @@ def make_sparsifier(
         penalty = None
     elif not isinstance(penalty, Penalty):
         penalty = penalties.get(penalty, lam, p=p, a=a)
-    return cls.from_options(model, penalty, beta=beta, include=include, exclude=exclude, channels=channels)
+    options = dict(beta=beta, include=include, exclude=exclude)
+    if channels is not None:  # passed only when given: a sparsifier registered elsewhere may not take it
+        if "channels" not in inspect.signature(cls.from_options).parameters:
+            raise ValueError(f"sparsity method {method!r} cannot put its penalty on chosen channels "
+                             f"(its from_options takes no channels)")
+        options["channels"] = channels
+    return cls.from_options(model, penalty, **options)
 
 
 def _channel_mask(bns: dict[str, nn.Module], channels: dict[str, list[int]], model: nn.Module) -> torch.Tensor:

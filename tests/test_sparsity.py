@@ -171,3 +171,13 @@ def test_every_sparsifier_is_built_as_registered(name):
     assert (sparsifier.penalty is not None) == sparsifier.uses_penalty == (name != "none")
     make_sparsifier(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), name).load_state_dict(
         sparsifier.state_dict())
+
+
+def test_a_registered_sparsifier_without_channels_refuses_them_in_one_line():
+    SPARSIFIERS.register("scaled")(ScaledSubgradient)
+    try:
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        with pytest.raises(ValueError, match="sparsity method 'scaled' cannot put its penalty on chosen channels"):
+            make_sparsifier(model, "scaled", channels={"1": [0]})
+    finally:
+        SPARSIFIERS.unregister("scaled")
