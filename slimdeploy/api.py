@@ -182,7 +182,7 @@ def prune_with_record(model, example_inputs, scores=None, how="percent", amount=
     if importance != "bn" and score_reduce != "max":
         raise InputError(f"score_reduce {score_reduce!r} applies to importance='bn'; {importance} already "
                          "covers every layer of a group, so leave score_reduce at 'max'")
-    if importance == "taylor" and taylor_batches is None:
+    if importance == "taylor" and taylor_batches is None and plan is None:
         raise InputError("importance='taylor' needs taylor_batches: labelled (inputs, targets) batches")
     if importance != "taylor" and taylor_batches is not None:
         raise InputError(f"taylor_batches is for importance='taylor', not importance={importance!r}")

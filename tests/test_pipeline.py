@@ -191,7 +191,8 @@ def test_plan_first_trains_toward_the_plan_and_pruning_by_it_loses_nothing(tmp_p
     """prune.plan_first: the plan is made on the starting model, proximal NS drives its channels (and no
     others) to 0, and the pruned model, before any fine-tuning, is as accurate as the sparse-trained one."""
     recipe = build_recipe(tiny_recipe(sparsity={"method": "proximal", "penalty": "l1", "lam": 1e3},
-                                      prune={"plan_first": True, "percent": 0.5, "round_to": 4},
+                                      prune={"plan_first": True, "percent": 0.5, "round_to": 4,
+                                             "importance": "taylor", "taylor_images": 16},
                                       train={"epochs": 2}))
     report = pipeline.run(recipe, tmp_path, progress=False).report
     first = json.loads((tmp_path / "first_plan.json").read_text())
