@@ -56,8 +56,8 @@ def sparsify(
     step). ``penalty``: ``l1``, ``lp`` (exponent ``p``), ``tl1``, ``mcp``, ``scad`` (``a``; None: the
     penalty's default). ``include``/``exclude``: fnmatch patterns of BN module names. ``plan``: penalise
     only the BN channels this plan (of :func:`prune`, made on ``model`` before training) removes, and let
-    the rest train freely; with ``proximal`` their ξ reach exact zeros, and ``prune(..., plan=plan)``
-    afterwards removes channels that output only their shift. The learning rate is read from γ's param
+    the rest train freely; with ``proximal`` their ξ reach exact zeros, their γ and shift β are then held
+    at 0, and ``prune(..., plan=plan)`` afterwards removes channels that output 0. The learning rate is read from γ's param
     group at every step; a step a GradScaler skips is skipped here too.
 
     Returns the handle: ``.scores()`` (per-BN channel scores for :func:`prune`), ``.state_dict()`` /

@@ -135,12 +135,7 @@ def plan_first_stage(ctx: RunContext, model: nn.Module) -> ChannelPlan:
     with distributed.main_first(ctx.procs):
         if path.is_file() and (ctx.resume or not ctx.run_dir.owner):
             return ChannelPlan.from_json(path)
-        start = copy.deepcopy(model).cpu().eval()
-        plan = api.prune_with_record(
-            start, _cpu_batch(ctx.normalize, ctx.data.train, ctx.recipe.prune.calibration_images), None,
-            **_prune_kwargs(ctx.recipe), model_name=ctx.recipe.model.name, model_kwargs=ctx.recipe.model.kwargs,
-            taylor_batches=_taylor_batches(ctx) if ctx.recipe.prune.importance == "taylor" else None,
-        ).plan
+        plan = _pruned(ctx, copy.deepcopy(model).cpu().eval(), None).plan
         ctx.run_dir.write_plan(plan, path)
     ctx.logger.info(f"planned first: {plan.channels_total - plan.channels_kept} of {plan.channels_total} channels "
                     f"to remove; the penalty acts on them alone")
@@ -174,6 +169,17 @@ def _prune_kwargs(recipe: Recipe) -> dict:
         batch, threads = next(((s.batch, s.threads) for s in recipe.bench.settings), (1, 1))
         kwargs.update(latency_batch=batch, latency_threads=_threads(threads))
     return kwargs
+
+
+def _pruned(ctx: RunContext, model: nn.Module, scores, plan: ChannelPlan | None = None) -> api.PruneOutcome:
+    """A pruned copy of the CPU ``model`` as the recipe's prune section asks, or by ``plan`` as it is."""
+    recipe = ctx.recipe
+    taylor = recipe.prune.importance == "taylor" and plan is None
+    return api.prune_with_record(
+        model, _cpu_batch(ctx.normalize, ctx.data.train, recipe.prune.calibration_images), scores,
+        **_prune_kwargs(recipe), model_name=recipe.model.name, model_kwargs=recipe.model.kwargs,
+        taylor_batches=_taylor_batches(ctx) if taylor else None, plan=plan,
+    )
 
 
 def _taylor_batches(ctx: RunContext):
@@ -220,12 +226,7 @@ def prune_stage(ctx: RunContext, dense: nn.Module, sparsifier: Sparsifier,
     ``dense`` (a CPU model); the plan and the score and width plots go to the run directory."""
     recipe, scores = ctx.recipe, sparsifier.scores()
     tic = time.perf_counter()
-    outcome = api.prune_with_record(
-        dense, _cpu_batch(ctx.normalize, ctx.data.train, recipe.prune.calibration_images), scores,
-        **_prune_kwargs(recipe), model_name=recipe.model.name, model_kwargs=recipe.model.kwargs,
-        taylor_batches=_taylor_batches(ctx) if recipe.prune.importance == "taylor" and not first_plan else None,
-        plan=first_plan,
-    )
+    outcome = _pruned(ctx, dense, scores, first_plan)
     seconds = time.perf_counter() - tic
     proximal = sparsifier.summary()
     summary = _pruning_summary(ctx, dense, outcome, seconds, proximal)
