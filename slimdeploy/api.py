@@ -28,7 +28,7 @@ from slimdeploy.graph import build_graph, channel_groups
 from slimdeploy.importance import IMPORTANCES, ranking_scores
 from slimdeploy.models.registry import output_classes
 from slimdeploy.plan import ChannelPlan, group_scores, make_plan, simd_block, zero_channels
-from slimdeploy.prune import apply_plan, rebuild_pruned, removed_bn_channels
+from slimdeploy.prune import apply_plan, plan_graph, rebuild_pruned, removed_bn_channels
 from slimdeploy.sparsity import Sparsifier, make_sparsifier, select_bns
 
 COMPENSATIONS = ("exact", "bias", "none")
@@ -73,11 +73,7 @@ def plan_bn_channels(model: nn.Module, plan: ChannelPlan) -> dict[str, list[int]
     """Per affine BN of ``model``, the channels ``plan`` removes (indices of the unpruned model)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
-    device = next(model.parameters()).device
-    example = torch.randn(1, *plan.input_shape, device=device)
-    was_training = model.training
-    graph = build_graph(model.eval(), example)
-    model.train(was_training)
+    graph = plan_graph(model, plan)
     check_plan_fits(plan, channel_groups(model, graph))
     return removed_bn_channels(model, graph, plan)
 

@@ -223,14 +223,17 @@ def _recalibrate_bn(ctx: RunContext, model: nn.Module, images: int) -> None:
 def prune_stage(ctx: RunContext, dense: nn.Module, sparsifier: Sparsifier,
                 first_plan: ChannelPlan | None = None) -> PruneResult:
     """Plan from the sparsifier's BN scores (or take ``first_plan``) and remove the channels from a copy of
-    ``dense`` (a CPU model); the plan and the score and width plots go to the run directory."""
+    ``dense`` (a CPU model); the plan and the score and width plots go to the run directory. Under torchrun
+    rank 0 plans and the other ranks apply its plan: a latency plan is timed, and timings differ per process."""
     recipe, scores = ctx.recipe, sparsifier.scores()
     tic = time.perf_counter()
-    outcome = _pruned(ctx, dense, scores, first_plan)
+    with distributed.main_first(ctx.procs):
+        plan = first_plan or (None if ctx.run_dir.owner else ChannelPlan.from_json(ctx.run_dir.plan))
+        outcome = _pruned(ctx, dense, scores, plan)
+        ctx.run_dir.write_plan(outcome.plan)
     seconds = time.perf_counter() - tic
     proximal = sparsifier.summary()
     summary = _pruning_summary(ctx, dense, outcome, seconds, proximal)
-    ctx.run_dir.write_plan(outcome.plan)
     flat_scores = torch.cat([s.flatten().cpu() for s in scores.values()]).double().numpy()
     ctx.run_dir.write_pruning_plots(flat_scores, "|ξ|" if proximal else "|γ|", summary.layers)
     model = outcome.model.to(ctx.device, memory_format=ctx.normalize.memory_format)

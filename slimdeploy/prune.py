@@ -78,10 +78,14 @@ def zero_bn_channels(model: nn.Module, channels: dict[str, list[int]]) -> nn.Mod
     return model
 
 
+def plan_graph(model: nn.Module, plan: ChannelPlan) -> tp.DependencyGraph:
+    """The dependency graph of ``model``, traced at the input shape ``plan`` was made for."""
+    return build_graph(model, torch.randn(1, *plan.input_shape, device=next(model.parameters()).device))
+
+
 def zero_removed_gammas(model: nn.Module, plan: ChannelPlan) -> nn.Module:
     """Set γ of every BN channel the plan removes to 0, β kept: the function compensation reproduces."""
-    example = torch.randn(1, *plan.input_shape, device=next(model.parameters()).device)
-    return zero_bn_channels(model, removed_bn_channels(model, build_graph(model, example), plan))
+    return zero_bn_channels(model, removed_bn_channels(model, plan_graph(model, plan), plan))
 
 
 @torch.no_grad()
@@ -185,7 +189,7 @@ def apply_plan(
     ``graph`` is the model's dependency graph, if already traced.
     """
     device = next(model.parameters()).device
-    dg = graph or build_graph(model, torch.randn(1, *plan.input_shape, device=device))
+    dg = graph or plan_graph(model, plan)
     maps = {}
     if calibration is not None:
         bn_zero, inputs, outputs = _removed_inputs(model, dg, plan)

@@ -14,9 +14,11 @@ import torch
 
 from slimdeploy import logs, pipeline
 from slimdeploy.data import Normalize, first_images, make_synthetic
+from slimdeploy.distributed import Processes
 from slimdeploy.pipeline import _recalibrate_bn, load_pruned
 from slimdeploy.recipe import build_recipe
 from slimdeploy.results import RunReport
+from slimdeploy.sparsity import make_sparsifier
 from slimdeploy.train import load_checkpoint
 
 from helpers import tiny_recipe, trained_like
@@ -203,3 +205,21 @@ def test_plan_first_trains_toward_the_plan_and_pruning_by_it_loses_nothing(tmp_p
     assert report["pruned_no_finetune_accuracy"] == report["dense"]["accuracy"]
     check = report["pruning"]["error_vs_zeroed_gamma"]
     assert check["max_abs_diff"] <= 1e-5 * check["max_abs_logit"]
+
+
+def test_prune_stage_on_other_ranks_applies_the_plan_rank_0_wrote(tmp_path):
+    """Under torchrun only rank 0 plans (a latency plan is timed, and timings differ per process): another
+    rank applies the plan in the run directory, not one of its own."""
+    recipe = build_recipe(tiny_recipe(prune={"percent": 0.5, "round_to": 4}))
+    data = pipeline._load_data(recipe, Processes())
+    normalize = pipeline._normalizer(recipe, data, torch.device("cpu"))
+    owner = pipeline.RunContext(recipe, pipeline.RunDir(tmp_path), data, normalize, progress=False)
+    model = pipeline._build_model(owner).eval()
+    written = pipeline.prune_stage(owner, model, make_sparsifier(model, "subgradient", "l1", 1e-4)).plan
+
+    recipe = build_recipe(tiny_recipe(prune={"percent": 0.2, "round_to": 4}))  # would plan fewer channels
+    other = pipeline.RunContext(recipe, pipeline.RunDir(tmp_path, Processes(rank=1, world=2)), data, normalize,
+                                progress=False)
+    applied = pipeline.prune_stage(other, model, make_sparsifier(model, "subgradient", "l1", 1e-4)).plan
+    assert [g.remove for g in applied.groups] == [g.remove for g in written.groups]
+    assert applied.channels_kept == written.channels_kept
