@@ -65,16 +65,24 @@ def one_step(model, optimizer, scaler=None):
 @pytest.mark.slow
 def test_readme_example_runs_as_written(tmp_path):
     text = (ROOT / "README.md").read_text()
-    code = re.search(r"<!-- example: own-loop -->\n```python\n(.*?)```", text, re.S).group(1)
+    own_loop, plan_first = (re.search(rf"<!-- example: {name} -->\n```python\n(.*?)```", text, re.S).group(1)
+                            for name in ("own-loop", "plan-first"))
     checks = """
 x = images[:4]
 assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
 torch.testing.assert_close(reloaded.eval()(x), pruned.eval()(x))
 assert plan.channels_kept < plan.channels_total
+"""
+    # the plan-first snippet continues the example: its pruned model computes what the trained model does
+    plan_first_checks = """
+assert plan.channels_kept < plan.channels_total
+planned = slimdeploy.api.plan_bn_channels(model, plan)
+assert all((bn.weight[planned[name]] == 0).all() for name, bn in model.named_modules() if name in planned)
+torch.testing.assert_close(pruned.eval()(x), model.eval()(x))
 print("CHECKS OK")
 """
     script = tmp_path / "example.py"
-    script.write_text(code + checks)
+    script.write_text(own_loop + checks + "import slimdeploy\n" + plan_first + plan_first_checks)
     res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "CHECKS OK" in res.stdout
