@@ -57,8 +57,8 @@ def sparsify(
     penalty's default). ``include``/``exclude``: fnmatch patterns of BN module names. ``plan``: penalise
     only the BN channels this plan (of :func:`prune`, made on ``model`` before training) removes, and let
     the rest train freely; with ``proximal`` their ξ reach exact zeros, their γ and shift β are then held
-    at 0, and ``prune(..., plan=plan)`` afterwards removes channels that output 0. The learning rate is read from γ's param
-    group at every step; a step a GradScaler skips is skipped here too.
+    at 0, and ``prune(..., plan=plan)`` afterwards removes channels that output 0. The learning rate is
+    read from γ's param group at every step; a step a GradScaler skips is skipped here too.
 
     Returns the handle: ``.scores()`` (per-BN channel scores for :func:`prune`), ``.state_dict()`` /
     ``.load_state_dict()`` (ξ of proximal NS, for checkpoints), ``.remove()`` (detach the hooks).
